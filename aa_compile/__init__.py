@@ -1,0 +1,54 @@
+"""aa-compile: a torch.compile backend, FX passes and `aa::` kernels for research language models.
+
+    import aa_compile                      # optional: the backend is also an entry point
+    model = torch.compile(model, backend="aa", options={"inner_compiler": "inductor"})
+    print(aa_compile.report(model, inputs))
+
+See ``docs/architecture.md`` for the layers (passes -> ops -> kernels).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from aa_compile import ops  # noqa: F401  (defines the aa:: custom ops)
+from aa_compile._logging import configure_from_env, log
+from aa_compile.backend import aa_backend, compile
+from aa_compile.config import Config
+from aa_compile.report import CompileReport, GraphReport, last_report, report
+
+__version__ = "0.1.0"
+BACKEND_NAME = "aa"
+
+__all__ = [
+    "BACKEND_NAME",
+    "CompileReport",
+    "Config",
+    "GraphReport",
+    "aa_backend",
+    "compile",
+    "last_report",
+    "log",
+    "report",
+]
+
+
+def _register_backend() -> None:
+    """Register ``backend="aa"`` unless torch will load it through our entry point.
+
+    When the package is installed, torch finds the ``torch_dynamo_backends`` entry point and
+    registers the backend itself on first use; registering here as well would trip its
+    duplicate-name check. From a source tree without an install there is no entry point.
+    """
+    from torch._dynamo.backends import registry
+
+    if BACKEND_NAME in registry._COMPILER_FNS:
+        return
+    entry_points = metadata.entry_points(group="torch_dynamo_backends")
+    if any(ep.name == BACKEND_NAME and ep.value.startswith("aa_compile.") for ep in entry_points):
+        return
+    registry.register_backend(aa_backend, name=BACKEND_NAME)
+
+
+configure_from_env()
+_register_backend()

@@ -1,0 +1,129 @@
+"""The ``aa`` torch.compile backend: run the enabled passes, then hand over to an inner compiler.
+
+    torch.compile(model, backend="aa", options={"inner_compiler": "inductor", ...})
+
+Dynamo gives us its torch-level FX graph with fake example inputs. Each enabled pass rewrites
+that graph in place (into ``aa::`` ops) and records what it did; the result goes to the inner
+compiler. Inductor runs aot_autograd itself, so training graphs get a backward; the ``aa::``
+ops' autograd formulas and decompositions travel with them.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from aa_compile import ops
+from aa_compile._logging import log
+from aa_compile.config import Config
+from aa_compile.passes import PASSES, PassContext, PassResult
+from aa_compile.report import GraphReport, next_graph_index, record
+
+
+def run_passes(gm: fx.GraphModule, example_inputs: list, config: Config) -> list[PassResult]:
+    """Run the passes ``config`` enables on ``gm``, in pipeline order; return their results."""
+    results = []
+    for name in config.enabled_passes():
+        result = PassResult(name)
+        start = time.perf_counter()
+        try:
+            PASSES[name].run(gm, PassContext(result, example_inputs, config))
+            gm.graph.lint()
+        except Exception as e:
+            if config.strict:
+                raise
+            result.error = f"{type(e).__name__}: {e}"
+            log.warning("aa pass %s failed and was skipped: %s", name, result.error)
+            log.debug("%s", traceback.format_exc())
+        result.seconds = time.perf_counter() - start
+        log.debug(
+            "pass %s: %d rewrite(s), %d skipped", name, result.rewrites, len(result.skipped)
+        )
+        for skip in result.skipped:
+            log.debug("  %s left %s: %s", name, skip.node, skip.reason)
+        results.append(result)
+    return results
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: list, config: Config):
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    patches = dict(list_mode_options(config.mode)) if config.mode else {}
+    patches.update(config.inductor_options)
+    decompositions = {**select_decomp_table(), **ops.registry.inductor_decompositions()}
+    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: Config):
+    name = config.inner_compiler
+    if name == "inductor":
+        return _inductor(gm, example_inputs, config)
+    if name == "eager":
+        return gm.forward
+    if name == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    if name == "tensorrt":
+        try:
+            import torch_tensorrt  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(
+                "aa: inner_compiler='tensorrt' needs torch-tensorrt; "
+                "install it with: pip install 'aa-compile[tensorrt]'"
+            ) from e
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("torch_tensorrt")(gm, example_inputs)
+    raise AssertionError(f"unhandled inner compiler {name!r}")  # Config validated it
+
+
+def aa_backend(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    options: Mapping[str, Any] | Config | None = None,
+    mode: str | None = None,
+):
+    """The ``aa`` backend (registered under that name; see the module docstring)."""
+    config = Config.from_options(options)
+    if mode is not None and config.mode is None:
+        config = Config(**{**config.__dict__, "mode": mode})
+    nodes_before = len(gm.graph.nodes)
+    results = run_passes(gm, example_inputs, config)
+    record(
+        GraphReport(
+            index=next_graph_index(),
+            nodes_before=nodes_before,
+            nodes_after=len(gm.graph.nodes),
+            inner_compiler=config.inner_compiler,
+            passes=results,
+        )
+    )
+    log.info(
+        "aa: graph with %d nodes, rewrites %s, inner compiler %s",
+        nodes_before,
+        {r.name: r.rewrites for r in results},
+        config.inner_compiler,
+    )
+    return _inner_compile(gm, example_inputs, config)
+
+
+def compile(model, *, options: Mapping[str, Any] | Config | None = None, **compile_kwargs):
+    """``torch.compile(model, backend="aa", options=options)``, with the options checked now.
+
+    ``torch.compile`` calls a backend only when the model first runs, so a bad option passed
+    through it surfaces then; this checks them immediately.
+    """
+    if not callable(model):
+        raise TypeError(
+            f"aa_compile.compile: model must be an nn.Module or callable, got {type(model).__name__}"
+        )
+    config = Config.from_options(options)
+    return torch.compile(model, backend="aa", options=config.__dict__, **compile_kwargs)

@@ -1,0 +1,10 @@
+"""The `aa::` custom ops: the only contract between passes and kernels.
+
+Importing this package defines every op (schema, fake impl, autograd, device kernels) and fills
+`OPS`. Add an op by writing ``aa_compile/ops/<name>.py`` and importing it below.
+"""
+
+from . import rms_norm  # noqa: F401  (defines aa::rms_norm, aa::rms_norm_backward)
+from .registry import OPS, OpEntry
+
+__all__ = ["OPS", "OpEntry"]

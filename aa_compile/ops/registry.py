@@ -1,0 +1,53 @@
+"""The list of `aa::` ops: one entry per op with where its kernels live and sample inputs.
+
+Tests walk this list to run `torch.library.opcheck` on every op, so a new op is covered the
+moment it is registered here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+Sample = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpEntry:
+    """One `aa::` op.
+
+    Attributes:
+        name: qualified name, e.g. ``"aa::rms_norm"``.
+        op: the ``torch.ops.aa.<name>`` packet.
+        kernels: device type -> module that implements it (for docs and error messages).
+        samples: ``samples(device)`` yields ``(args, kwargs)`` for opcheck.
+        decompositions: ``() -> {OpOverload: fn}`` handed to inductor so that it generates the
+            op's code itself where that beats an opaque kernel call (each fn may decline with
+            ``NotImplemented``, e.g. for devices that have a kernel of their own).
+    """
+
+    name: str
+    op: Any
+    kernels: dict[str, str]
+    samples: Callable[[str], Iterator[Sample]]
+    decompositions: Callable[[], dict] | None = None
+
+
+def inductor_decompositions() -> dict:
+    """All ops' decompositions for inductor, merged."""
+    table: dict = {}
+    for entry in OPS.values():
+        if entry.decompositions is not None:
+            table.update(entry.decompositions())
+    return table
+
+
+OPS: dict[str, OpEntry] = {}
+
+
+def register(entry: OpEntry) -> OpEntry:
+    if entry.name in OPS:
+        raise ValueError(f"aa op {entry.name} is registered twice")
+    OPS[entry.name] = entry
+    return entry

@@ -1,0 +1,45 @@
+"""Kernels of `aa::rms_norm`, one module per device, with the reference beside them.
+
+- ``reference.py``: plain PyTorch, the numerics spec the tests compare against;
+- ``cpu.py``: the CPU path (inductor-compiled fused loop);
+- ``triton_kernel.py``: the CUDA path (Triton, one program per row).
+
+`forward` and `backward` pick the implementation for the tensor's device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from . import cpu, reference
+
+
+@functools.cache
+def _triton():
+    """The Triton module, or None when Triton is not installed."""
+    try:
+        from . import triton_kernel
+    except ImportError:
+        return None
+    return triton_kernel
+
+
+def _impl(x: Tensor):
+    if x.device.type == "cpu":
+        return cpu.rms_norm_fwd, cpu.rms_norm_bwd
+    if x.device.type == "cuda" and x.dtype != torch.float64 and _triton() is not None:
+        return _triton().rms_norm_fwd, _triton().rms_norm_bwd
+    return reference.rms_norm, reference.rms_norm_backward
+
+
+def forward(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype | None) -> Tensor:
+    return _impl(x)[0](x, weight, eps, out_dtype)
+
+
+def backward(
+    grad: Tensor, x: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor | None]:
+    return _impl(x)[1](grad, x, weight, eps)

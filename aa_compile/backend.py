@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from aa_compile import ops
 from aa_compile._logging import log
 from aa_compile.config import Config
 from aa_compile.passes import PASSES, PassContext, PassResult
@@ -53,12 +52,11 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, config: Config) -> list
 def _inductor(gm: fx.GraphModule, example_inputs: list, config: Config):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
     patches = dict(list_mode_options(config.mode)) if config.mode else {}
     patches.update(config.inductor_options)
-    decompositions = {**select_decomp_table(), **ops.registry.inductor_decompositions()}
-    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
+    # the aa:: ops' inductor decompositions are installed globally by aa_compile.ops
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: Config):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Shape of the model. ``d_ff`` defaults to the Llama rule (8/3·d rounded up to 64)."""
+    """Shape of the model. ``d_ff`` defaults to the Llama rule (8/3·d rounded up to a multiple of 256)."""
 
     vocab_size: int = 32000
     d_model: int = 512
@@ -65,7 +65,7 @@ class TransformerConfig:
     def ffn_dim(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
-        return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+        return 256 * math.ceil(int(8 * self.d_model / 3) / 256)
 
 
 class RMSNorm(nn.Module):

@@ -5,6 +5,8 @@ Importing this package defines every op (schema, fake impl, autograd, device ker
 """
 
 from . import rms_norm  # noqa: F401  (defines aa::rms_norm, aa::rms_norm_backward)
-from .registry import OPS, OpEntry
+from .registry import OPS, OpEntry, install_inductor_decompositions
+
+install_inductor_decompositions()
 
 __all__ = ["OPS", "OpEntry"]

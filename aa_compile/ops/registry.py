@@ -34,13 +34,19 @@ class OpEntry:
     decompositions: Callable[[], dict] | None = None
 
 
-def inductor_decompositions() -> dict:
-    """All ops' decompositions for inductor, merged."""
-    table: dict = {}
+def install_inductor_decompositions() -> None:
+    """Add every op's decompositions to inductor's table, for every inductor compile.
+
+    Passing them per compile (``compile_fx(decompositions=...)``) would put an unpicklable
+    table into inductor's FX-graph cache key and turn that cache off, so they go into the
+    global table, as inductor's own decompositions do.
+    """
+    from torch._inductor import decomposition
+
     for entry in OPS.values():
         if entry.decompositions is not None:
-            table.update(entry.decompositions())
-    return table
+            decomposition.decompositions.update(entry.decompositions())
+    decomposition.fast_random_decomps.cache_clear()  # a cached copy of the table
 
 
 OPS: dict[str, OpEntry] = {}

@@ -1,0 +1,112 @@
+"""``aa-compile``: the command line.
+
+    aa-compile info                 versions, devices, ops and their kernels, passes
+    aa-compile report [options]     compile the reference transformer and print the report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import aa_compile
+    from aa_compile.ops import OPS
+    from aa_compile.passes import PIPELINE
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    info = {
+        "aa_compile": aa_compile.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "gpu": gpu,
+        "backend": "aa (torch.compile(model, backend='aa'))",
+        "ops": {name: entry.kernels for name, entry in OPS.items()},
+        "passes": {p.name: p.description for p in PIPELINE},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("aa_compile", "python", "torch", "triton", "gpu", "backend"):
+        print(f"{key:<11} {info[key]}")
+    print("ops:")
+    for name, kernels in info["ops"].items():
+        print(f"  {name}")
+        for device, module in kernels.items():
+            print(f"    {device:<10} {module}")
+    print("passes (pipeline order):")
+    for name, description in info["passes"].items():
+        print(f"  {name:<12} {description}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import torch
+
+    import aa_compile
+    from aa_compile.models import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(
+        vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
+        n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, max_seq_len=max(args.seq_len, 16),
+    )
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.seq_len))
+    rep = aa_compile.report(model, ids, options={"inner_compiler": args.inner_compiler})
+    print(json.dumps(rep.to_dict(), indent=2) if args.json else rep)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aa-compile",
+        description="aa-compile: torch.compile backend, FX passes and aa:: kernels.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, devices, registered ops and passes")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+
+    report = sub.add_parser(
+        "report", help="compile the reference transformer with backend='aa' and print the report"
+    )
+    report.add_argument("--d-model", type=int, default=256)
+    report.add_argument("--n-layers", type=int, default=2)
+    report.add_argument("--n-heads", type=int, default=4)
+    report.add_argument("--n-kv-heads", type=int, default=None)
+    report.add_argument("--vocab-size", type=int, default=1024)
+    report.add_argument("--seq-len", type=int, default=32)
+    report.add_argument(
+        "--inner-compiler", default="eager", choices=["inductor", "eager", "aot_eager"],
+        help="what compiles the graph after the passes (default: eager, quick)",
+    )
+    report.add_argument("--json", action="store_true", help="print JSON")
+    report.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:
+        print(f"aa-compile: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

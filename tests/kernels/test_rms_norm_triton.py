@@ -43,7 +43,7 @@ def shapes(draw):
 
 def _randn(shape, dtype, scale, gen, noncontig=False):
     """Random normal ``* scale`` (never all zeros); optionally a non-contiguous view."""
-    if noncontig and len(shape) >= 1:
+    if noncontig:
         t = torch.randn(shape[-1], *shape[:-1], generator=gen, dtype=torch.float64)
         t = t.movedim(0, -1)
     else:
@@ -78,6 +78,23 @@ def _check(out, ref64, eager, dtype, shape, scale):
 
 def _scale(t):
     return max(t.abs().max().item(), 1.0) if t.numel() else 1.0
+
+
+def _check_backward(grad, x, w, eps):
+    dx, dw = triton_kernel.rms_norm_bwd(grad, x, w, eps)
+
+    dx64, dw64 = reference.rms_norm_backward(grad.double(), x.double(), _double(w), eps)
+    dx_eager, dw_eager = reference.rms_norm_backward(grad, x, w, eps)
+    # dx and dw are differences / sums of terms, so scale by the terms, not by the result.
+    rstd = torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
+    w64 = w.double() if w is not None else 1.0
+    dx_scale = _scale(rstd * grad.double().abs() * w64)
+    _check(dx, dx64, dx_eager, x.dtype, x.shape, dx_scale)
+    if w is None:
+        assert dw is None
+    else:
+        terms = (grad.double() * x.double() * rstd).abs().reshape(-1, x.shape[-1]).sum(0)
+        _check(dw, dw64, dw_eager, w.dtype, w.shape, _scale(terms))
 
 
 @settings(max_examples=80, deadline=None)
@@ -124,26 +141,29 @@ def test_backward_matches_reference(
     grad = _randn(shape, grad_dtype, 1.0, gen, noncontig)
     w = None if w_dtype is None else _randn(shape[-1:], w_dtype, 1.0, gen)
 
-    dx, dw = triton_kernel.rms_norm_bwd(grad, x, w, eps)
+    _check_backward(grad, x, w, eps)
 
-    dx64, dw64 = reference.rms_norm_backward(grad.double(), x.double(), _double(w), eps)
-    dx_eager, dw_eager = reference.rms_norm_backward(grad, x, w, eps)
-    # dx and dw are differences / sums of terms, so scale by the terms, not by the result.
-    rstd = torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
-    w64 = w.double() if w is not None else 1.0
-    dx_scale = _scale(rstd * grad.double().abs() * w64)
-    _check(dx, dx64, dx_eager, x_dtype, x.shape, dx_scale)
-    if w is None:
-        assert dw is None
-    else:
-        terms = (grad.double() * x.double() * rstd).abs().reshape(-1, shape[-1]).sum(0)
-        _check(dw, dw64, dw_eager, w_dtype, w.shape, _scale(terms))
+
+def _rows_for_several_per_program():
+    """Hypothesis rows can all land one per program (always on a GPU): this gives >= 2 each."""
+    return 2 * triton_kernel._num_row_programs(2**31, torch.device(DEVICE)) + 3
+
+
+@pytest.mark.parametrize("w_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [127, CHUNKED_NS[0]])
+def test_backward_several_rows_per_program(n, w_dtype):
+    rows = _rows_for_several_per_program()
+    gen = torch.Generator().manual_seed(n)
+    x = _randn((rows, n), torch.float32, 2.0, gen)
+    grad = _randn((rows, n), torch.float16, 1.0, gen)
+    w = None if w_dtype is None else _randn((n,), w_dtype, 1.0, gen)
+    _check_backward(grad, x, w, 1e-5)
 
 
 @pytest.mark.parametrize("n", [129, CHUNKED_NS[0]])
 def test_dweight_is_deterministic(n):
     gen = torch.Generator().manual_seed(0)
-    rows = 37 if n < triton_kernel.MAX_BLOCK_N else 9  # several rows per program
+    rows = _rows_for_several_per_program()
     x = _randn((rows, n), torch.float16, 3.0, gen)
     grad = _randn((rows, n), torch.float16, 1.0, gen)
     w = _randn((n,), torch.float32, 1.0, gen)

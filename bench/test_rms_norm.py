@@ -1,0 +1,106 @@
+"""RMSNorm workloads: the transformer's hand-written ``RMSNorm`` module on a ``[tokens, d]``
+activation, forward (inference) and forward + backward.
+
+Variants: ``eager``, ``inductor``, ``aa`` (the backend rewrites the module into
+``aa::rms_norm``), and peers: ``aten`` (``torch.nn.functional.rms_norm``, eager) and ``aa_op``
+(``torch.ops.aa.rms_norm`` called eagerly, i.e. the op's own kernel without a compiler).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
+from aa_compile.models.transformer import RMSNorm
+from bench.harness import (
+    BASE_VARIANTS,
+    compile_variant,
+    fresh_copy,
+    rms_norm_cases,
+    run_benchmark,
+    seed_all,
+    variant as built_variant,
+)
+
+PEERS = ("aten", "aa_op")
+
+
+def _cases(config):
+    return rms_norm_cases(config.getoption("--quick"), config.getoption("--device"))
+
+
+def pytest_generate_tests(metafunc):
+    # Parametrized by id (a plain string keeps pytest-benchmark's JSON "params" readable).
+    if "case_id" in metafunc.fixturenames:
+        ids = [c.id for c in _cases(metafunc.config)]
+        metafunc.parametrize("case_id", ids, ids=ids, scope="module")
+
+
+@pytest.fixture(scope="module")
+def case(case_id, pytestconfig):
+    return next(c for c in _cases(pytestconfig) if c.id == case_id)
+
+
+@pytest.fixture(scope="module")
+def base(case, settings):
+    """Module, activation and upstream gradient, built once per shape and dtype."""
+    seed_all(0)
+    module = RMSNorm(case.dim, eps=1e-6)
+    with torch.no_grad():
+        module.weight.normal_(1.0, 0.1)
+    module = module.to(device=settings.device, dtype=case.dtype)
+    x = torch.randn(case.tokens, case.dim, device=settings.device, dtype=case.dtype)
+    grad = torch.randn_like(x)
+    return module, x, grad
+
+
+def build(module: RMSNorm, variant: str):
+    """``(callable x -> y, module whose parameters it uses)`` for ``variant``."""
+    m = fresh_copy(module)
+    if variant in BASE_VARIANTS:
+        return compile_variant(m, variant), m
+    if variant == "aten":
+        if not hasattr(F, "rms_norm"):
+            pytest.skip("torch.nn.functional.rms_norm is not available in this torch")
+        return (lambda x: F.rms_norm(x, (m.weight.shape[0],), m.weight, m.eps)), m
+    if variant == "aa_op":
+        if not hasattr(torch.ops.aa, "rms_norm"):
+            pytest.skip("torch.ops.aa.rms_norm is not registered")
+        return (lambda x: torch.ops.aa.rms_norm(x, m.weight, m.eps)), m
+    raise AssertionError(variant)
+
+
+@pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
+def test_rms_norm_fwd(benchmark, settings, case, base, variant, repeat):
+    module, x, _ = base
+    (run, _), first = built_variant(("rms_norm_fwd", case.id, variant),
+                                    lambda: build(module, variant))
+
+    def step():
+        with torch.no_grad():
+            return run(x)
+
+    run_benchmark(benchmark, step, settings=settings, workload="rms_norm_fwd",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="rms_norm",
+                  first=first)
+
+
+@pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
+def test_rms_norm_fwd_bwd(benchmark, settings, case, base, variant, repeat):
+    module, x, grad = base
+    (run, m), first = built_variant(("rms_norm_fwd_bwd", case.id, variant),
+                                    lambda: build(module, variant))
+    xr = x.detach().clone().requires_grad_(True)
+
+    def step():
+        y = run(xr)
+        y.backward(grad)
+        xr.grad = None
+        m.zero_grad(set_to_none=True)
+        return y
+
+    run_benchmark(benchmark, step, settings=settings, workload="rms_norm_fwd_bwd",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="rms_norm",
+                  first=first)

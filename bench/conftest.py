@@ -69,7 +69,21 @@ def _seed():
     seed_all(0)
 
 
+def _cases(module, config):
+    """The cases a workload file declares with ``CASES = <fn(quick, device) -> cases>``."""
+    return module.CASES(config.getoption("--quick"), config.getoption("--device"))
+
+
+@pytest.fixture(scope="module")
+def case(case_id, request):
+    return next(c for c in _cases(request.module, request.config) if c.id == case_id)
+
+
 def pytest_generate_tests(metafunc):
+    # Parametrized by id (a plain string keeps pytest-benchmark's JSON "params" readable).
+    if "case_id" in metafunc.fixturenames:
+        ids = [c.id for c in _cases(metafunc.module, metafunc.config)]
+        metafunc.parametrize("case_id", ids, ids=ids, scope="module")
     if "repeat" in metafunc.fixturenames:
         n = metafunc.config.getoption("--repeats")
         metafunc.parametrize("repeat", range(n), ids=[f"r{i}" for i in range(n)])

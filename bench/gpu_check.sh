@@ -8,7 +8,7 @@
 # elsewhere with PIP_INDEX_URL / PIP_FIND_LINKS; or set PY=/path/to/python of a provisioned
 # environment with a CUDA torch), then, each step under `timeout`:
 #   env      nvidia-smi, torch / triton versions, GPU name          -> env.txt
-#   cuda     pytest tests -m cuda                                   -> junit-cuda.xml, cuda.log
+#   cuda     pytest tests/test_cuda.py tests/test_ops.py (opcheck)  -> junit-cuda.xml, cuda.log
 #   kernels  pytest tests/kernels, compiled Triton (no interpreter) -> junit-kernels.xml, ...
 #   bench    python -m bench --device cuda --out OUT_DIR (full shapes) -> report files, bench.log
 # A failing step does not stop the others; OUT_DIR/summary.txt always lists each step's exit
@@ -130,7 +130,7 @@ step env "$T_ENV" bash -c env_info
 [ -f "$OUT/env.log" ] && mv "$OUT/env.log" "$OUT/env.txt"
 
 # -- 3. CUDA tests, Triton kernels compiled for the GPU (never the interpreter) ------------------
-step cuda "$T_CUDA" env -u TRITON_INTERPRET "$PY" -m pytest tests -m cuda -p no:cacheprovider \
+step cuda "$T_CUDA" env -u TRITON_INTERPRET "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -p no:cacheprovider \
     -q -rs --junitxml="$OUT/junit-cuda.xml"
 step kernels "$T_KERNELS" env -u TRITON_INTERPRET "$PY" -m pytest tests/kernels \
     -p no:cacheprovider -q -rs --junitxml="$OUT/junit-kernels.xml"

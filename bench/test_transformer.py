@@ -22,20 +22,8 @@ from bench.harness import (
 )
 
 
-def _cases(config):
-    return transformer_cases(config.getoption("--quick"), config.getoption("--device"))
-
-
-def pytest_generate_tests(metafunc):
-    # Parametrized by id (a plain string keeps pytest-benchmark's JSON "params" readable).
-    if "case_id" in metafunc.fixturenames:
-        ids = [c.id for c in _cases(metafunc.config)]
-        metafunc.parametrize("case_id", ids, ids=ids, scope="module")
-
-
-@pytest.fixture(scope="module")
-def case(case_id, pytestconfig):
-    return next(c for c in _cases(pytestconfig) if c.id == case_id)
+#: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
+CASES = transformer_cases
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the report files go (default: bench/results)")
     parser.add_argument("--rounds", type=int, default=None, metavar="N",
                         help="timed rounds per benchmark and repeat (default: per workload)")
-    parser.add_argument("--repeats", type=int, default=3, metavar="N",
+    parser.add_argument("--repeats", type=int, default=5, metavar="N",
                         help="run each benchmark N times with the variants interleaved; the "
                              "report merges the repeats (default: 3)")
     parser.add_argument("--cold-cache", action="store_true",

@@ -29,10 +29,10 @@ def pytest_addoption(parser):
         help="timed rounds per benchmark and repeat (default: per workload, see bench/harness.py)",
     )
     group.addoption(
-        "--repeats", type=int, default=3,
+        "--repeats", type=int, default=5,
         help="run every benchmark this many times, the variants of a case interleaved "
              "(eager, inductor, aa, eager, ...), so slow drift of the machine hits them alike; "
-             "the reporter merges the repeats' rounds (default: 3)",
+             "the reporter merges the repeats' rounds (default: 5)",
     )
 
 

@@ -34,16 +34,16 @@ class Settings:
             return self.rounds
         cuda = self.device == "cuda"
         table = {
-            # (kind, quick, cuda) -> rounds per repeat (``--repeats``, default 3); a CUDA call
+            # (kind, quick, cuda) -> rounds per repeat (``--repeats``, default 5); a CUDA call
             # takes milliseconds, a CPU transformer step up to a second.
-            ("transformer", True, False): 5,
-            ("transformer", False, False): 5,
+            ("transformer", True, False): 3,
+            ("transformer", False, False): 3,
             ("transformer", True, True): 10,
             ("transformer", False, True): 20,
-            ("rms_norm", True, False): 20,
-            ("rms_norm", False, False): 20,
-            ("rms_norm", True, True): 50,
-            ("rms_norm", False, True): 100,
+            ("rms_norm", True, False): 12,
+            ("rms_norm", False, False): 12,
+            ("rms_norm", True, True): 30,
+            ("rms_norm", False, True): 60,
         }
         return table[(kind, self.quick, cuda)]
 

@@ -40,7 +40,7 @@ CAST_METHODS = ("to", "float", "type_as", "type", "half", "bfloat16", "double")
 class RMSNormMatch:
     x: fx.Node
     weight: fx.Node | None
-    eps: float
+    eps: float | fx.Node  # a node when dynamo made eps a symbolic float
     output: fx.Node  # its uses are redirected to the new op
     interior: list[fx.Node]  # in graph order; erased if nothing else uses them
 
@@ -56,6 +56,12 @@ def _is_cast(node) -> bool:
         and out.shape == src.shape
         and out.device == src.device
     )
+
+
+def _is_scalar(eps) -> bool:
+    """A Python number, or (under ``dynamic=True``, where dynamo lifts float attributes into
+    graph inputs) a node producing a symbolic float."""
+    return match.is_number(eps) or isinstance(match.value(eps), (float, torch.SymFloat))
 
 
 def _last_dim(dim, ndim: int) -> bool:
@@ -96,7 +102,7 @@ def _match_decomposed(root: fx.Node) -> RMSNormMatch | str | None:
     xf = _square_input(sq)
     if xf is None:
         return None
-    if not match.is_number(eps):
+    if not _is_scalar(eps):
         return "eps is not a constant"
     xf_val = match.tensor_value(xf)
     if xf_val is None:
@@ -140,7 +146,7 @@ def _match_decomposed(root: fx.Node) -> RMSNormMatch | str | None:
     if weight is not None and len(out.users) == 1 and _is_cast(next(iter(out.users))):
         out = next(iter(out.users))
         interior.append(out)
-    return RMSNormMatch(x=x, weight=weight, eps=float(eps), output=out, interior=interior)
+    return RMSNormMatch(x=x, weight=weight, eps=eps, output=out, interior=interior)
 
 
 def _match_functional(node: fx.Node) -> RMSNormMatch | str | None:
@@ -159,11 +165,11 @@ def _match_functional(node: fx.Node) -> RMSNormMatch | str | None:
         return f"normalized_shape {shape} is not just the last dimension"
     if eps is None:
         eps = torch.finfo(x_val.dtype).eps
-    if not match.is_number(eps):
+    if not _is_scalar(eps):
         return "eps is not a constant"
     if weight is not None and not isinstance(weight, fx.Node):
         return "weight is not a tensor"
-    return RMSNormMatch(x=x, weight=weight, eps=float(eps), output=node, interior=[node])
+    return RMSNormMatch(x=x, weight=weight, eps=eps, output=node, interior=[node])
 
 
 def _guard(m: RMSNormMatch) -> str | None:

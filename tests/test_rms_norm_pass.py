@@ -171,3 +171,25 @@ def test_hugging_face_llama_rmsnorm_is_rewritten():
         torch._dynamo.reset()
         got = torch.compile(lambda i: model(input_ids=i).logits, backend="aa", options=EAGER)(ids)
         torch.testing.assert_close(got, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_dynamic_shapes_with_symbolic_eps(inner):
+    """Under dynamic=True dynamo lifts ``self.eps`` into a graph input (a symbolic float); the
+    rewrite still fires and one graph serves every sequence length."""
+    torch.manual_seed(0)
+    m = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        m.weight.normal_()
+    compiled = torch.compile(m, backend="aa", options={"inner_compiler": inner}, dynamic=True)
+    before = len(aa_compile.last_report().graphs)
+    counts = []
+    for rows in (3, 5, 9):
+        x = torch.randn(2, rows, 16)
+        torch.testing.assert_close(compiled(x), m(x), atol=1e-5, rtol=1e-5)
+        counts.append(len(aa_compile.last_report().graphs))
+    # inductor wants eps concrete: dynamo then retraces once with it specialized, within the
+    # first call; later sequence lengths compile nothing new
+    assert counts[0] == counts[1] == counts[2]
+    graphs = aa_compile.last_report().graphs[before:]
+    assert graphs and all(g.passes[0].rewrites == 1 for g in graphs)

@@ -167,3 +167,22 @@ def test_inductor_fx_graph_cache_hits_on_second_process(tmp_path):
     assert second.returncode == 0, second.stderr
     hits = json.loads(second.stdout.strip().splitlines()[-1])
     assert hits.get("fxgraph_cache_hit", 0) >= 1, hits
+
+
+def test_mode_and_inductor_options_reach_inductor(monkeypatch):
+    """torch.compile(mode=...) and options["inductor_options"] become inductor config patches."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        seen["patches"] = config_patches
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    x = torch.randn(2, 16)
+    torch.compile(MLP(), backend="aa", mode="max-autotune-no-cudagraphs")(x)
+    assert seen["patches"]["max_autotune"] is True
+    torch._dynamo.reset()
+    torch.compile(MLP(), backend="aa", options={"inductor_options": {"max_fusion_size": 7}})(x)
+    assert seen["patches"] == {"max_fusion_size": 7}

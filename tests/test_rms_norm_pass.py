@@ -193,3 +193,20 @@ def test_dynamic_shapes_with_symbolic_eps(inner):
     assert counts[0] == counts[1] == counts[2]
     graphs = aa_compile.last_report().graphs[before:]
     assert graphs and all(g.passes[0].rewrites == 1 for g in graphs)
+
+
+def test_pass_runs_through_the_custom_graph_pass_interface():
+    """GraphPass.__call__(graph) (inductor's CustomGraphPass hook) rewrites like run() does."""
+    from aa_compile.passes import PASSES
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        PASSES["rms_norm"](gm.graph)
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    m, x = RMSNorm(8), torch.randn(3, 8)
+    torch.testing.assert_close(torch.compile(m, backend=backend)(x), m(x))
+    assert torch.ops.aa.rms_norm.default in seen
+    assert torch.rsqrt not in seen

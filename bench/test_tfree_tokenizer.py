@@ -1,0 +1,115 @@
+"""T-FREE tokenizer workload ``tfree_encode``: `TrigramTokenizer.encode` of a batch of English
+and German paragraphs into CSR slot indices, reported as words/s (``extra_info["words_per_s"]``,
+tokenizer words over the median round; punctuation, digits and whitespace words count).
+
+Variants are the two hash modes, ``fast`` (SplitMix64, vectorized over the batch's distinct
+trigrams on every call) and ``reference`` (md5, cached per trigram). Both run on the CPU
+whatever ``--device`` says: the tokenizer has no device path. Caches: the first call of each
+variant (timed alone as ``compile_s``, outside the rounds) fills the reference mode's md5 cache
+and the per-word trigram cache shared by both modes, so the rounds measure warm caches and
+``compile_s`` of ``reference`` is its cold-cache cost. The text is generated from a fixed word
+list with a seeded RNG (no downloads): about 2k words with ``--quick``, 50k otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from aa_compile.models.tfree import TrigramTokenizer
+from bench.harness import run_benchmark
+from bench.harness import variant as built_variant
+
+VARIANTS = ("fast", "reference")
+
+_ENGLISH = (
+    "the of and to in is was for that with as on by at from his her which this were are be had "
+    "an not it also or have but their one all new after first two has its who they more been "
+    "other time into only during most people language model word words tokenizer embedding "
+    "training research compiler kernel memory sparse pattern hidden layer Monday London English "
+    "University government history between through without however because although"
+).split()
+_GERMAN = (
+    "der die das und zu in ist war für dass mit als auf von bei aus sein ihre welche diese waren "
+    "sind ein nicht es auch oder haben aber über nach während Straße Größe Gemüse Fräulein "
+    "Übersetzung Mädchen schön müssen können würde Bundesrepublik Deutschland Sprachmodell "
+    "Wörterbuch Zeichenkette Einbettung Forschung Speicher Heidelberg Universität Geschäftsführer"
+).split()
+_PUNCT = [",", ",", ".", ";", ":", "!", "?", " -", " (see", ")"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeCase:
+    words: int  # tokenizer words in the batch, about
+
+    @property
+    def id(self) -> str:
+        return f"{self.words // 1000}k-words"
+
+
+def tfree_cases(quick: bool, device: str) -> list[EncodeCase]:
+    """Quick: about 2k words. Full: about 50k words. Same on every device (CPU work)."""
+    return [EncodeCase(2000 if quick else 50000)]
+
+
+#: the cases of this workload file, per --quick / --device (see bench/conftest.py)
+CASES = tfree_cases
+
+
+def paragraphs(n_words: int, seed: int = 0) -> list[str]:
+    """Paragraphs of mixed English/German sentences holding about ``n_words`` tokenizer words
+    (with compounds, numbers, punctuation, brackets, double spaces and newlines)."""
+    rng = random.Random(seed)
+    splitter = TrigramTokenizer()
+    out: list[str] = []
+    total = 0
+    while total < n_words:
+        vocab = _ENGLISH if rng.random() < 0.6 else _GERMAN
+        sentences = []
+        for _ in range(rng.randint(2, 6)):
+            words = [rng.choice(vocab) for _ in range(rng.randint(4, 18))]
+            if rng.random() < 0.5:  # a compound, so that words (and trigrams) keep coming
+                words.append(rng.choice(vocab).capitalize() + rng.choice(vocab).lower())
+            words[0] = words[0].capitalize()
+            if rng.random() < 0.3:
+                words.insert(rng.randrange(len(words)), str(rng.randint(0, 2100)))
+            if rng.random() < 0.4:
+                words.insert(rng.randrange(1, len(words)), rng.choice(_PUNCT))
+            sentences.append(" ".join(words).replace(" ,", ",") + rng.choice(".!?."))
+        text = ("  " if rng.random() < 0.1 else " ").join(sentences)
+        text += "\n\n" if rng.random() < 0.5 else "\n"
+        out.append(text)
+        total += len(splitter.words(text))
+    return out
+
+
+@pytest.fixture(scope="module")
+def texts(case):
+    batch = paragraphs(case.words)
+    n_words = TrigramTokenizer().encode(batch).n_words
+    return batch, n_words
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tfree_encode(benchmark, settings, case, texts, variant, repeat):
+    batch, n_words = texts
+    tok, first = built_variant(("tfree_encode", case.id, variant),
+                               lambda: TrigramTokenizer(hash_mode=variant))
+
+    def step():
+        return tok.encode(batch)
+
+    # the shape names the exact word count (same for both variants: one seeded text)
+    run_benchmark(benchmark, step, settings=settings, workload="tfree_encode", variant=variant,
+                  shape=f"{n_words} words", dtype=torch.int64, kind="rms_norm", first=first)
+    info = benchmark.extra_info
+    info["words"] = n_words
+    stats = getattr(benchmark, "stats", None)
+    median = getattr(getattr(stats, "stats", None), "median", None)
+    if median:
+        info["words_per_s"] = round(n_words / median)
+    if first and info.get("compile_s"):
+        info["first_call_words_per_s"] = round(n_words / info["compile_s"])

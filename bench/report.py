@@ -55,6 +55,8 @@ class Row:
     compile_s: float | None = None
     peak_mib: float | None = None
     aa_rewrites: dict[str, int] | None = None
+    items: int | None = None  # work per call (extra_info["items"]), for a throughput column
+    item_unit: str | None = None  # what an item is (extra_info["item_unit"], e.g. "words")
     ratio_vs_eager: float | None = None
     ratio_vs_inductor: float | None = None
     name: str = ""
@@ -102,6 +104,8 @@ def row_from_benchmark(bench: Mapping[str, Any]) -> Row:
         compile_s=info.get("compile_s"),
         peak_mib=info.get("peak_mib"),
         aa_rewrites=info.get("aa_rewrites"),
+        items=info.get("items"),
+        item_unit=info.get("item_unit"),
         name=str(bench.get("name", "")),
     )
 
@@ -276,9 +280,20 @@ def _rewrites(value: Mapping[str, int] | None) -> str:
 
 COLUMNS = (
     "workload", "shape", "dtype", "device", "variant", "median ms", "p20 ms", "p80 ms",
-    "rounds", "vs eager", "vs inductor", "peak MiB", "compile s", "aa rewrites",
+    "rounds", "vs eager", "vs inductor", "peak MiB", "compile s", "throughput", "aa rewrites",
 )
-ALIGN = ("---",) * 5 + ("---:",) * 8 + ("---",)  # text left, numbers right
+ALIGN = ("---",) * 5 + ("---:",) * 9 + ("---",)  # text left, numbers right
+
+
+def _throughput(row: Row) -> str:
+    """``items / median`` with the row's unit, e.g. ``"441.2k words/s"``; — when not given."""
+    if not row.items or not row.median_s:
+        return "—"
+    rate = row.items / row.median_s
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if rate >= scale:
+            return f"{rate / scale:.1f}{suffix} {row.item_unit or 'items'}/s"
+    return f"{rate:.1f} {row.item_unit or 'items'}/s"
 
 
 def table_cells(row: Row) -> list[str]:
@@ -286,7 +301,8 @@ def table_cells(row: Row) -> list[str]:
         row.workload, row.shape, row.dtype, row.device, row.variant,
         _ms(row.median_s), _ms(row.p20_s), _ms(row.p80_s), str(row.rounds),
         _ratio(row.ratio_vs_eager), _ratio(row.ratio_vs_inductor),
-        _num(row.peak_mib, ".1f"), _num(row.compile_s, ".2f"), _rewrites(row.aa_rewrites),
+        _num(row.peak_mib, ".1f"), _num(row.compile_s, ".2f"), _throughput(row),
+        _rewrites(row.aa_rewrites),
     ]
 
 

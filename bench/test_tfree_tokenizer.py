@@ -1,5 +1,5 @@
 """T-FREE tokenizer workload ``tfree_encode``: `TrigramTokenizer.encode` of a batch of English
-and German paragraphs into CSR slot indices, reported as words/s (``extra_info["words_per_s"]``,
+and German paragraphs into CSR slot indices, reported as words/s (the reporter's throughput column,
 tokenizer words over the median round; punctuation, digits and whitespace words count).
 
 Variants are the two hash modes, ``fast`` (SplitMix64, vectorized over the batch's distinct
@@ -105,11 +105,5 @@ def test_tfree_encode(benchmark, settings, case, texts, variant, repeat):
     # the shape names the exact word count (same for both variants: one seeded text)
     run_benchmark(benchmark, step, settings=settings, workload="tfree_encode", variant=variant,
                   shape=f"{n_words} words", dtype=torch.int64, kind="rms_norm", first=first)
-    info = benchmark.extra_info
-    info["words"] = n_words
-    stats = getattr(benchmark, "stats", None)
-    median = getattr(getattr(stats, "stats", None), "median", None)
-    if median:
-        info["words_per_s"] = round(n_words / median)
-    if first and info.get("compile_s"):
-        info["first_call_words_per_s"] = round(n_words / info["compile_s"])
+    # the reporter turns these into a words/s column (items / median of the merged repeats)
+    benchmark.extra_info.update(items=n_words, item_unit="words")

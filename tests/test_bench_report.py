@@ -206,3 +206,14 @@ def test_repeats_are_merged_into_one_row_per_variant():
     assert aa.p20_s == pytest.approx(float(np.percentile(all_data, 20)))
     assert aa.compile_s == 12.5 and aa.peak_mib == 42.25
     assert aa.ratio_vs_eager == pytest.approx(float(np.median([0.030, 0.031]) / np.median(all_data)))
+
+
+def test_throughput_column_from_items_and_median():
+    bench = _bench("rms_norm_fwd", "eager", [0.002, 0.004, 0.003])
+    bench["extra_info"].update(items=1500, item_unit="words")
+    rows = report.rows_from_pytest_benchmark({"benchmarks": [bench]})
+    expected = 1500 / float(np.median([0.002, 0.004, 0.003]))
+    assert report._throughput(rows[0]) == f"{expected / 1e3:.1f}k words/s"
+    assert "words/s" in report.render_table(rows)
+    plain = report.rows_from_pytest_benchmark({"benchmarks": [_bench("rms_norm_fwd", "aa", [1.0])]})
+    assert report._throughput(plain[0]) == "—"

@@ -339,12 +339,16 @@ def render_markdown(rows: Sequence[Row], machine: Mapping[str, Any]) -> str:
 
 
 def render_png(rows: Sequence[Row], path: pathlib.Path | str, title: str = "") -> None:
-    """Bar chart: one group per case, one bar per variant, y = speed-up vs eager (Agg)."""
+    """Bar chart: one group per case, one bar per variant, y = speed-up vs eager (Agg).
+
+    Cases without an ``eager`` row (nothing to compare with) are left out of the chart; they
+    are in the table."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.ratio_vs_eager is not None]
     cases = list(dict.fromkeys(r.case for r in rows))
     variants = list(dict.fromkeys(r.variant for r in rows))
     colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
@@ -366,7 +370,8 @@ def render_png(rows: Sequence[Row], path: pathlib.Path | str, title: str = "") -
     ax.set_xticklabels([f"{w}\n{s}\n{d} {dev}" for w, s, d, dev in cases], fontsize=7)
     ax.set_ylabel("speed-up vs eager (eager median / median)")
     ax.set_title(title or "aa-compile benchmarks: speed-up vs eager (higher is faster)")
-    ax.legend(title="variant", fontsize=8)
+    if labelled:
+        ax.legend(title="variant", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

@@ -1,0 +1,172 @@
+"""T-FREE trigram embedding workloads: a batch of words, each the sum over its trigrams of the
+m embedding rows of each trigram's hashed slots, forward (inference) and forward + backward.
+
+Variants: ``eager`` (the T-FREE reference embedding below: gather ``E[trigram_slots]`` as
+``[n_trigrams, m, h]``, ``.sum(-2)``, ``index_add_`` by word), ``inductor`` (torch.compile of
+it), and peers: ``embedding_bag`` (``F.embedding_bag(mode="sum")`` on the flattened slots with
+CSR word offsets) and ``aa_op`` (``torch.ops.aa.trigram_bag`` called eagerly on the same CSR).
+The ``aa`` variant (the backend rewriting the reference module into ``aa::trigram_bag``) comes
+with that pass.
+
+Inputs are synthetic but shaped like T-FREE text: about 5 bytes per word, so ``1 + Poisson(4.5)``
+trigrams per word (at most 20, mean ~5.5), ``m`` uniformly hashed slots of ``v`` per trigram.
+The slot lists (``[n_trigrams, m]`` + word of each trigram for the reference, or the flattened
+CSR for the others) are built once, outside the timed calls, as a tokenizer would hand them over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
+from bench.harness import (
+    compile_variant,
+    dtype_name,
+    fresh_copy,
+    run_benchmark,
+    seed_all,
+    variant as built_variant,
+)
+
+#: ``aa`` is not here yet: it needs the pass that rewrites the reference module.
+VARIANTS = ("eager", "inductor")
+PEERS = ("embedding_bag", "aa_op")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrigramBagCase:
+    vocab: int  # v, rows of the embedding table
+    m: int  # slots per trigram
+    hidden: int  # h
+    words: int  # bags in the batch
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> str:
+        return f"v{self.vocab} m{self.m} h{self.hidden} W{self.words}"
+
+    @property
+    def id(self) -> str:
+        return f"v{self.vocab}-m{self.m}-h{self.hidden}-W{self.words}-{dtype_name(self.dtype)}"
+
+
+def trigram_bag_cases(quick: bool, device: str) -> list[TrigramBagCase]:
+    """Quick: v=8192, m=10, h=1024, 512 words in float32 (the eager reference's ``[n_trigrams,
+    m, h]`` gather bounds the size on a 2-core CPU). Full: v in {8k, 32k}, h in {1024, 4096};
+    CUDA 16k words in bfloat16 plus one float32 case; CPU 4k words (1k at h=4096: the reference
+    materializes ``[~5.5 * words, m, h]`` floats and its gradient) in float32."""
+    if quick:
+        return [TrigramBagCase(8192, 10, 1024, 512, torch.float32)]
+    if device == "cuda":
+        cases = [TrigramBagCase(v, 10, h, 16384, torch.bfloat16)
+                 for v in (8192, 32768) for h in (1024, 4096)]
+        return cases + [TrigramBagCase(8192, 10, 1024, 4096, torch.float32)]
+    return [
+        TrigramBagCase(8192, 10, 1024, 4096, torch.float32),
+        TrigramBagCase(32768, 10, 1024, 4096, torch.float32),
+        TrigramBagCase(8192, 10, 4096, 1024, torch.float32),
+    ]
+
+
+#: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
+CASES = trigram_bag_cases
+
+
+class TFreeEmbeddingReference(nn.Module):
+    """The T-FREE input embedding as its public reference code computes it (aggregation "sum",
+    no normalization): gather the ``m`` slot rows of every trigram, sum them, then add each
+    trigram's vector into its word's row with ``index_add_``.
+
+    Integrator's note: this stands in for ``aa_compile.models.tfree``'s embedding module until
+    that exists; switch to it then (the pass will match that module's graph).
+    """
+
+    def __init__(self, vocab: int, hidden: int, n_words: int):
+        super().__init__()
+        self.n_words = n_words
+        self.weight = nn.Parameter(torch.empty(vocab, hidden))
+        nn.init.normal_(self.weight, std=math.sqrt(2 / (5 * hidden)))
+
+    def forward(self, trigram_slots: Tensor, word_of_trigram: Tensor) -> Tensor:
+        per_trigram = self.weight[trigram_slots].sum(-2)  # [n_trigrams, m, h] -> [n_trigrams, h]
+        out = per_trigram.new_zeros(self.n_words, per_trigram.shape[-1])
+        return out.index_add_(0, word_of_trigram, per_trigram)
+
+
+@pytest.fixture(scope="module")
+def base(case, settings):
+    """Module, both input forms and the upstream gradient, built once per case."""
+    seed_all(0)
+    device = settings.device
+    g = torch.Generator().manual_seed(0)
+    trigrams = (1 + torch.poisson(torch.full((case.words,), 4.5), generator=g)).clamp(max=20)
+    trigrams = trigrams.long()
+    n_trigrams = int(trigrams.sum())
+    slots = torch.randint(0, case.vocab, (n_trigrams, case.m), generator=g)
+    word_of_trigram = torch.repeat_interleave(torch.arange(case.words), trigrams)
+    offsets = torch.zeros(case.words + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(trigrams * case.m, 0)
+    module = TFreeEmbeddingReference(case.vocab, case.hidden, case.words)
+    module = module.to(device=device, dtype=case.dtype)
+    inputs = {
+        "slots": slots.to(device),
+        "word_of_trigram": word_of_trigram.to(device),
+        "indices": slots.reshape(-1).to(device),
+        "offsets": offsets.to(device),
+    }
+    grad = torch.randn(case.words, case.hidden, device=device, dtype=case.dtype)
+    return module, inputs, grad
+
+
+def build(module: TFreeEmbeddingReference, variant: str):
+    """``(callable inputs -> [words, h], module whose parameters it uses)`` for ``variant``."""
+    m = fresh_copy(module)
+    if variant in VARIANTS:
+        fn = compile_variant(m, variant)
+        return (lambda x: fn(x["slots"], x["word_of_trigram"])), m
+    if variant == "embedding_bag":
+        return (lambda x: F.embedding_bag(x["indices"], m.weight, x["offsets"], mode="sum",
+                                          include_last_offset=True)), m
+    if variant == "aa_op":
+        if not hasattr(torch.ops.aa, "trigram_bag"):
+            pytest.skip("torch.ops.aa.trigram_bag is not registered")
+        return (lambda x: torch.ops.aa.trigram_bag(m.weight, x["indices"], x["offsets"])), m
+    raise AssertionError(variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS + PEERS)
+def test_trigram_bag_fwd(benchmark, settings, case, base, variant, repeat):
+    module, inputs, _ = base
+    (run, _), first = built_variant(("trigram_bag_fwd", case.id, variant),
+                                    lambda: build(module, variant))
+
+    def step():
+        with torch.no_grad():
+            return run(inputs)
+
+    run_benchmark(benchmark, step, settings=settings, workload="trigram_bag_fwd",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="rms_norm",
+                  first=first)
+
+
+@pytest.mark.parametrize("variant", VARIANTS + PEERS)
+def test_trigram_bag_fwd_bwd(benchmark, settings, case, base, variant, repeat):
+    module, inputs, grad = base
+    (run, m), first = built_variant(("trigram_bag_fwd_bwd", case.id, variant),
+                                    lambda: build(module, variant))
+
+    def step():
+        y = run(inputs)
+        y.backward(grad)
+        m.zero_grad(set_to_none=True)
+        return y
+
+    run_benchmark(benchmark, step, settings=settings, workload="trigram_bag_fwd_bwd",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="rms_norm",
+                  first=first)

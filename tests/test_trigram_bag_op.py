@@ -1,0 +1,218 @@
+"""aa::trigram_bag as an op: autograd against the float64 reference, gradcheck, determinism,
+bad inputs (ValueError naming the argument), the CHECK_INDICES switch, and compiling it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+import aa_compile.ops.trigram_bag as trigram_bag_op
+from aa_compile.kernels.trigram_bag import reference
+
+from .kernels.test_trigram_bag_cpu import Problem, check, eager_embedding_bag, problems, references
+
+OP = torch.ops.aa.trigram_bag
+
+
+def _run_op(weight, indices, offsets, psw, grad, **kwargs):
+    """Forward and backward through the op: ``(out, dweight, dpsw)``."""
+    w = weight.detach().clone().requires_grad_(True)
+    p = None if psw is None else psw.detach().clone().requires_grad_(True)
+    out = OP(w, indices, offsets, p, **kwargs)
+    out.backward(grad)
+    return out.detach(), w.grad, (None if p is None else p.grad)
+
+
+@settings(max_examples=15, deadline=None)
+@given(problems())
+def test_autograd_matches_float64_reference(p):
+    weight, indices, offsets, psw, grad = p.make()
+    wants, scales = references(weight, indices, offsets, psw, grad)
+    eagers = eager_embedding_bag(weight, indices, offsets, psw, grad)
+    gots = _run_op(weight, indices, offsets, psw, grad)
+    for got, want, scale, eager in zip(gots, wants, scales, eagers):
+        if want is None:
+            assert got is None
+        else:
+            check(got, want, scale, p.dtype, eager)
+
+
+def test_gradcheck_float64():
+    weight, indices, offsets, psw, _ = Problem(
+        6, 3, (2, 0, 4, 1), False, torch.float64, torch.int64, True, 0
+    ).make()
+    indices[1] = indices[0]  # a slot twice in one bag
+    weight.requires_grad_(True)
+    psw.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w, s: OP(w, indices, offsets, s), (weight, psw))
+    assert torch.autograd.gradcheck(lambda w: OP(w, indices.int(), offsets), (weight,))
+
+
+def test_only_requested_gradients():
+    weight, indices, offsets, psw, grad = Problem(
+        9, 5, (3, 1, 4), False, torch.float32, torch.int64, True, 2
+    ).make()
+    w = weight.clone().requires_grad_(True)
+    OP(w, indices, offsets, psw).backward(grad)  # psw without requires_grad
+    dw64 = reference.trigram_bag_backward(grad.double(), weight.double(), indices, offsets,
+                                          psw.double())[0]
+    torch.testing.assert_close(w.grad.double(), dw64)
+    p = psw.clone().requires_grad_(True)
+    OP(weight, indices, offsets, p).backward(grad)  # weight without requires_grad
+    assert p.grad.shape == psw.shape
+
+
+def test_default_backward_is_bitwise_deterministic():
+    sizes = tuple((i * 11) % 57 for i in range(90))
+    weight, indices, offsets, psw, grad = Problem(
+        23, 64, sizes, False, torch.float32, torch.int64, True, 5
+    ).make()
+    first = _run_op(weight, indices, offsets, psw, grad)
+    for _ in range(2):
+        again = _run_op(weight, indices, offsets, psw, grad)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_semantics_equal_embedding_bag():
+    weight, indices, offsets, psw, _ = Problem(
+        50, 17, (5, 0, 9, 0), False, torch.float64, torch.int32, True, 4
+    ).make()
+    want = F.embedding_bag(indices, weight, offsets[:-1], mode="sum", per_sample_weights=psw)
+    torch.testing.assert_close(OP(weight, indices, offsets, psw), want)
+
+
+def test_empty_bags_and_no_bags():
+    w = torch.randn(4, 3, requires_grad=True)
+    out = OP(w, torch.tensor([2, 2]), torch.tensor([0, 0, 2, 2]))
+    assert torch.equal(out[0], torch.zeros(3)) and torch.equal(out[2], torch.zeros(3))
+    torch.testing.assert_close(out[1], 2 * w[2])
+    out = OP(w, torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_compiles_fullgraph_with_autograd():
+    weight, indices, offsets, psw, grad = Problem(
+        12, 8, (3, 0, 6, 2), False, torch.float32, torch.int64, True, 6
+    ).make()
+
+    def fn(w, i, o, s):
+        return OP(w, i, o, s) * 2
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    w1, p1 = weight.clone().requires_grad_(True), psw.clone().requires_grad_(True)
+    w2, p2 = weight.clone().requires_grad_(True), psw.clone().requires_grad_(True)
+    compiled(w1, indices, offsets, p1).backward(grad)
+    fn(w2, indices, offsets, p2).backward(grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+    torch.testing.assert_close(p1.grad, p2.grad)
+
+
+W = torch.randn(5, 3)
+IDX = torch.tensor([0, 4, 2])
+OFFS = torch.tensor([0, 1, 3])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((W.int(), IDX, OFFS), "weight must be a float16/bfloat16/float32/float64"),
+        ((W[0], IDX, OFFS), r"weight must be 2-D"),
+        ((W.view(5, 3, 1), IDX, OFFS), r"weight must be 2-D"),
+        ((W, IDX.float(), OFFS), "indices must be int64 or int32"),
+        ((W, IDX.view(3, 1), OFFS), "indices must be 1-D"),
+        ((W, torch.tensor([0, 5, 2]), OFFS), r"indices must lie in \[0, 5\).*found 5"),
+        ((W, torch.tensor([0, -1, 2]), OFFS), r"indices must lie in \[0, 5\).*found -1"),
+        ((W, IDX, OFFS.float()), "offsets must be int64 or int32"),
+        ((W, IDX, torch.zeros(0, dtype=torch.int64)), "offsets must be 1-D"),
+        ((W, IDX, OFFS.view(3, 1)), "offsets must be 1-D"),
+        ((W, IDX, torch.tensor([1, 2, 3])), "offsets must start at 0"),
+        ((W, IDX, torch.tensor([0, 2, 1, 3])), "offsets must be non-decreasing"),
+        ((W, IDX, torch.tensor([0, 1, 2])), r"offsets must end at nnz .* 3"),
+        ((W, IDX, torch.tensor([0, 1, 4])), r"offsets must end at nnz"),
+        ((W, IDX, OFFS, torch.ones(2)), r"per_sample_weights must have shape \(3,\)"),
+        ((W, IDX, OFFS, torch.ones(3, dtype=torch.float64)), "per_sample_weights must have"),
+        ((W, IDX.to("meta"), OFFS), "indices is on meta, but weight is on cpu"),
+        ((W, IDX, OFFS.to("meta")), "offsets is on meta, but weight is on cpu"),
+        ((W, IDX, OFFS, torch.ones(3, device="meta")), "per_sample_weights is on meta"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_argument(args, message):
+    with pytest.raises(ValueError, match=message):
+        OP(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("psw", [False, True])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("bad", [-1, 5, 1000])
+def test_out_of_range_index_raises_for_every_dtype(dtype, psw, idx_dtype, bad):
+    """On CPU the forward leaves the range check to the kernel and converts its error."""
+    w = W.to(dtype)
+    p = torch.ones(3, dtype=dtype) if psw else None
+    idx = torch.tensor([0, bad, 2], dtype=idx_dtype)
+    with pytest.raises(ValueError, match=rf"indices must lie in \[0, 5\).*found {bad}"):
+        OP(w, idx, OFFS.to(idx_dtype), p)
+
+
+def test_out_of_range_index_with_zero_width_weight():
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\)"):
+        OP(torch.randn(5, 0), torch.tensor([0, 7, 2]), OFFS)
+
+
+@pytest.mark.parametrize(
+    ("grad", "message"),
+    [
+        (torch.randn(3, 3), r"grad must have shape \(2, 3\)"),
+        (torch.randn(2, 4), r"grad must have shape \(2, 3\)"),
+        (torch.randn(6), r"grad must have shape \(2, 3\)"),
+        (torch.randn(2, 3, dtype=torch.float64), "grad must have weight's dtype"),
+    ],
+)
+def test_backward_op_checks_grad(grad, message):
+    with pytest.raises(ValueError, match=message):
+        torch.ops.aa.trigram_bag_backward(grad, W, IDX, OFFS, None, True, False)
+
+
+def test_backward_op_checks_inputs_too():
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\)"):
+        torch.ops.aa.trigram_bag_backward(
+            torch.randn(2, 3), W, torch.tensor([0, 9, 2]), OFFS, None, True, False
+        )
+
+
+@pytest.mark.parametrize("with_indices", [False, True])
+@pytest.mark.parametrize(
+    ("indices", "offsets"),
+    [([3, -2, 9], [0, 2, 1, 3]), ([0, 1], [0, 2]), ([4], [1, 1]), ([], [0, 0, 0]), ([7], [0])],
+)
+def test_value_stats_on_device_equal_the_cpu_ones(indices, offsets, with_indices):
+    """The GPU route of the value checks (tensor ops + one sync), run on CPU tensors."""
+    i = torch.tensor(indices, dtype=torch.int32)
+    o = torch.tensor(offsets)
+    with_indices = with_indices and len(indices) > 0
+    assert reference._value_stats_torch(i, o, with_indices) == reference._value_stats(
+        i, o, with_indices
+    )
+
+
+def test_check_indices_switch_gates_value_checks_off_cpu(monkeypatch):
+    """Off CPU, index / offset values (a device sync to read) are checked only with
+    CHECK_INDICES; CPU always checks. Meta tensors stand in for a GPU here."""
+    seen = []
+
+    def spy(*args, check_values, **kwargs):
+        seen.append(check_values)
+
+    monkeypatch.setattr(trigram_bag_op.reference, "check_inputs", spy)
+    meta = [t.to("meta") for t in (W, IDX, OFFS)]
+    for flag in (False, True):
+        monkeypatch.setattr(trigram_bag_op, "CHECK_INDICES", flag)
+        trigram_bag_op._check(*meta, None, values=True, op="x")
+        trigram_bag_op._check(W, IDX, OFFS, None, values=True, op="x")
+        trigram_bag_op._check(W, IDX, OFFS, None, values=False, op="x")  # fake impl
+    assert seen == [False, True, False, True, True, False]

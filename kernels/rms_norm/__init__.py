@@ -1,7 +1,7 @@
 """Kernels of `aa::rms_norm`, one module per device, with the reference beside them.
 
 - ``reference.py``: plain PyTorch, the numerics spec the tests compare against;
-- ``cpu.py``: the CPU path (inductor-compiled fused loop);
+- ``cpu.py``: the CPU path (a few-pass eager path; under inductor, a decomposition it fuses);
 - ``triton_kernel.py``: the CUDA path (Triton, one program per row).
 
 `forward` and `backward` pick the implementation for the tensor's device.
@@ -9,22 +9,16 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
+
+from aa_compile.kernels import triton_module
 
 from . import cpu, reference
 
 
-@functools.cache
 def _triton():
-    """The Triton module, or None when Triton is not installed."""
-    try:
-        from . import triton_kernel
-    except ImportError:
-        return None
-    return triton_kernel
+    return triton_module(__name__)
 
 
 def _impl(x: Tensor):

@@ -15,22 +15,16 @@ Triton (still deterministic: ATen's embedding-bag forward sums each bag in one t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
+
+from aa_compile.kernels import triton_module
 
 from . import cpu, reference  # noqa: F401  (reference: re-exported for tests)
 
 
-@functools.cache
 def _triton():
-    """The Triton module, or None when Triton is not installed."""
-    try:
-        from . import triton_kernel
-    except ImportError:
-        return None
-    return triton_kernel
+    return triton_module(__name__)
 
 
 def _impl(weight: Tensor):

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 from .base import GraphPass, PassContext, PassResult, Skip
+from .embedding_bag import EmbeddingBagPass
 from .rms_norm import RMSNormPass
 
-PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(),)
+PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(), EmbeddingBagPass())
 PASSES: dict[str, GraphPass] = {p.name: p for p in PIPELINE}
 
 __all__ = ["PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult", "Skip"]

@@ -14,7 +14,7 @@ def test_from_options_accepts_dict_and_config():
     cfg = Config.from_options({"inner_compiler": "eager", "disable": ["rms_norm"]})
     assert cfg.inner_compiler == "eager"
     assert cfg.disable == ("rms_norm",)
-    assert cfg.enabled_passes() == []
+    assert cfg.enabled_passes() == ["embedding_bag"]
     assert Config.from_options(cfg) is cfg
     assert Config.from_options(None) == Config()
 

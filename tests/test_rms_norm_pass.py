@@ -143,8 +143,8 @@ def test_broadcast_weight_is_left_as_a_multiply():
 def test_disabled_pass_does_not_fire():
     m, x = RMSNorm(8), torch.randn(2, 8)
     rep = aa_compile.report(m, x, options={"inner_compiler": "eager", "disable": ["rms_norm"]})
-    assert rep.rewrites == {}
-    assert rep.passes_run == []
+    assert "rms_norm" not in rep.rewrites
+    assert "rms_norm" not in rep.passes_run
 
 
 def test_inductor_generates_the_cpu_code_itself():

@@ -29,21 +29,22 @@ class Settings:
     rounds: int | None = None
 
     def rounds_for(self, kind: str) -> int:
-        """Timed rounds: ``kind`` is ``"transformer"`` or ``"rms_norm"``."""
+        """Timed rounds: ``kind`` is ``"model"`` (a whole model step, up to a second on a CPU)
+        or ``"op"`` (one layer or op, milliseconds)."""
         if self.rounds is not None:
             return self.rounds
         cuda = self.device == "cuda"
         table = {
             # (kind, quick, cuda) -> rounds per repeat (``--repeats``, default 5); a CUDA call
             # takes milliseconds, a CPU transformer step up to a second.
-            ("transformer", True, False): 3,
-            ("transformer", False, False): 3,
-            ("transformer", True, True): 10,
-            ("transformer", False, True): 20,
-            ("rms_norm", True, False): 12,
-            ("rms_norm", False, False): 12,
-            ("rms_norm", True, True): 30,
-            ("rms_norm", False, True): 60,
+            ("model", True, False): 3,
+            ("model", False, False): 3,
+            ("model", True, True): 10,
+            ("model", False, True): 20,
+            ("op", True, False): 12,
+            ("op", False, False): 12,
+            ("op", True, True): 30,
+            ("op", False, True): 60,
         }
         return table[(kind, self.quick, cuda)]
 

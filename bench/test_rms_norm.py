@@ -71,7 +71,7 @@ def test_rms_norm_fwd(benchmark, settings, case, base, variant, repeat):
             return run(x)
 
     run_benchmark(benchmark, step, settings=settings, workload="rms_norm_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="rms_norm",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op",
                   first=first)
 
 
@@ -90,5 +90,5 @@ def test_rms_norm_fwd_bwd(benchmark, settings, case, base, variant, repeat):
         return y
 
     run_benchmark(benchmark, step, settings=settings, workload="rms_norm_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="rms_norm",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op",
                   first=first)

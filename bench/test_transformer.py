@@ -57,7 +57,7 @@ def test_transformer_fwd(benchmark, settings, case, base, variant, repeat):
             return run(tokens)
 
     run_benchmark(benchmark, step, settings=settings, workload="transformer_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="transformer",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="model",
                   first=first)
 
 
@@ -80,5 +80,5 @@ def test_transformer_fwd_bwd(benchmark, settings, case, base, variant, repeat):
         return loss
 
     run_benchmark(benchmark, step, settings=settings, workload="transformer_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="transformer",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="model",
                   first=first)

@@ -151,7 +151,7 @@ def test_trigram_bag_fwd(benchmark, settings, case, base, variant, repeat):
             return run(inputs)
 
     run_benchmark(benchmark, step, settings=settings, workload="trigram_bag_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="rms_norm",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op",
                   first=first)
 
 
@@ -168,5 +168,5 @@ def test_trigram_bag_fwd_bwd(benchmark, settings, case, base, variant, repeat):
         return y
 
     run_benchmark(benchmark, step, settings=settings, workload="trigram_bag_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="rms_norm",
+                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op",
                   first=first)

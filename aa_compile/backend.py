@@ -10,6 +10,7 @@ ops' autograd formulas and decompositions travel with them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from collections.abc import Mapping
@@ -92,7 +93,7 @@ def aa_backend(
     """The ``aa`` backend (registered under that name; see the module docstring)."""
     config = Config.from_options(options)
     if mode is not None and config.mode is None:
-        config = Config(**{**config.__dict__, "mode": mode})
+        config = dataclasses.replace(config, mode=mode)
     nodes_before = len(gm.graph.nodes)
     results = run_passes(gm, example_inputs, config)
     record(

@@ -86,16 +86,14 @@ class EmbeddingBagPass(GraphPass):
             if reason is not None:
                 ctx.skip(node, reason)
                 continue
-            with graph.inserting_before(node):
-                offsets = args["offsets"]
-                if not args.get("include_last_offset", False):
+            offsets = args["offsets"]
+            if not args.get("include_last_offset", False):
+                with graph.inserting_before(node):
                     offsets = graph.call_function(csr_offsets, (offsets, args["input"]))
-                new = graph.call_function(
-                    torch.ops.aa.trigram_bag.default,
-                    (args["weight"], args["input"], offsets, args.get("per_sample_weights")),
-                )
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
+            new = match.replace_with_call(
+                node, torch.ops.aa.trigram_bag.default,
+                (args["weight"], args["input"], offsets, args.get("per_sample_weights")),
+            )
             graph.erase_node(node)
             ctx.rewrote(new)
         gm.recompile()

@@ -77,6 +77,18 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def replace_with_call(old: fx.Node, target: Callable, args: tuple, kwargs: dict | None = None
+                      ) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` before ``old``, give it ``old``'s metadata (the example
+    value later passes and guards read) and send every use of ``old`` to it. ``old`` is left in
+    the graph, now unused, for the caller to erase with whatever else the rewrite made dead."""
+    with old.graph.inserting_before(old):
+        new = old.graph.call_function(target, args, kwargs or {})
+    new.meta.update(old.meta)
+    old.replace_all_uses_with(new)
+    return new
+
+
 def only_used_by(node: fx.Node, allowed: Iterable[fx.Node]) -> bool:
     """True if every user of ``node`` is in ``allowed`` (so the node may be removed)."""
     allowed = set(allowed)

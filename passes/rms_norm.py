@@ -220,15 +220,11 @@ class RMSNormPass(GraphPass):
 
     @staticmethod
     def _replace(graph: fx.Graph, m: RMSNormMatch) -> None:
-        out_val = match.tensor_value(m.output)
-        with graph.inserting_before(m.output):
-            new = graph.call_function(
-                torch.ops.aa.rms_norm.default,
-                (m.x, m.weight, m.eps),
-                {"out_dtype": out_val.dtype},
-            )
-        new.meta.update(m.output.meta)
-        m.output.replace_all_uses_with(new)
+        out_dtype = match.tensor_value(m.output).dtype
+        match.replace_with_call(
+            m.output, torch.ops.aa.rms_norm.default, (m.x, m.weight, m.eps),
+            {"out_dtype": out_dtype},
+        )
         for node in reversed(m.interior):  # erase only what the pattern made dead
             if not node.users and node is not m.x:
                 graph.erase_node(node)

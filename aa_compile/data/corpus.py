@@ -19,6 +19,7 @@ import functools
 import importlib
 import inspect
 import random
+import warnings
 
 LANGUAGES = ("en", "de", "mixed")
 
@@ -35,7 +36,7 @@ _STDLIB_MODULES = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _english() -> tuple[str, ...]:
     docs = []
     for name in _STDLIB_MODULES:
@@ -45,11 +46,13 @@ def _english() -> tuple[str, ...]:
             continue
         parts = [inspect.getdoc(module) or ""]
         for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                parts.append(inspect.getdoc(obj) or "")
+            with warnings.catch_warnings():  # e.g. typing.io / typing.re deprecations
+                warnings.simplefilter("ignore")
+                obj = getattr(module, attr)
+                if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                    continue
+                if inspect.isfunction(obj) or inspect.isclass(obj):
+                    parts.append(inspect.getdoc(obj) or "")
         doc = "\n\n".join(p.strip() for p in parts if p and p.strip())
         if doc:
             docs.append(doc)
@@ -103,7 +106,7 @@ def _german_sentence(rng: random.Random) -> str:
     return head + rng.choice((".", ".", ".", "!", "?"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _german(n_docs: int = 60, sentences: int = 40, seed: int = 0) -> tuple[str, ...]:
     rng = random.Random(seed)
     docs = []

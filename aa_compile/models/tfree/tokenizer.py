@@ -164,10 +164,26 @@ class TrigramTokenizer:
             _check_text(text, f"texts[{t}]")
             words.extend(text_to_words(text.lower() if self.lowercase else text))
             word_offsets.append(len(words))
+        return self._encode(words, word_offsets)
 
+    def encode_words(self, words: list[str]) -> TrigramBatch:
+        """Hash already split ``words`` as given (no splitting; one text holding them all).
+
+        For callers that pick words themselves, e.g. a decoder feeding back a generated word.
+        Words are lowercased first if configured.
+        """
+        if not isinstance(words, (list, tuple)):
+            raise TypeError(f"words must be a list of str, got {type(words).__name__}")
+        for i, w in enumerate(words):
+            _check_text(w, f"words[{i}]")
+        words = [w.lower() for w in words] if self.lowercase else list(words)
+        return self._encode(words, [0, len(words)])
+
+    def _encode(self, words: list[str], word_offsets: list[int]) -> TrigramBatch:
         whole: dict[str, int] = {}
         if self.entire_words:
-            per_word = [(WHOLE_WORD_BASE + whole.setdefault(w, len(whole)),) for w in words]
+            per_word = [(WHOLE_WORD_BASE + whole.setdefault(w, len(whole)),) if w else ()
+                        for w in words]
         else:
             ids_of = hashing.trigram_ids
             per_word = [(WHOLE_WORD_BASE + whole.setdefault(w, len(whole)),) if "<|" in w

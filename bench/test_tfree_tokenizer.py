@@ -3,7 +3,11 @@ and German paragraphs into CSR slot indices, reported as words/s (the reporter's
 tokenizer words over the median round; punctuation, digits and whitespace words count).
 
 Variants are the two hash modes, ``fast`` (SplitMix64, vectorized over the batch's distinct
-trigrams on every call) and ``reference`` (md5, cached per trigram). Both run on the CPU
+trigrams on every call) and ``reference`` (md5, cached per trigram), and the peer ``bpe``: a
+byte-level BPE of the ``tokenizers`` package (Rust, as GPT-2/Llama-style tokenizers are run),
+vocabulary 32000, trained once on the offline corpus (``aa_compile.data``, English + German),
+``encode_batch`` of the same paragraphs; its words/s counts the same T-FREE words so the
+columns compare (skipped when ``tokenizers`` is not installed). Both run on the CPU
 whatever ``--device`` says: the tokenizer has no device path. Caches: the first call of each
 variant (timed alone as ``compile_s``, outside the rounds) fills the reference mode's md5 cache
 and the per-word trigram cache shared by both modes, so the rounds measure warm caches and
@@ -24,6 +28,7 @@ from bench.harness import run_benchmark
 from bench.harness import variant as built_variant
 
 VARIANTS = ("fast", "reference")
+PEERS = ("bpe",)
 
 _ENGLISH = (
     "the of and to in is was for that with as on by at from his her which this were are be had "
@@ -93,14 +98,35 @@ def texts(case):
     return batch, n_words
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def bpe_tokenizer(vocab_size: int = 32000):
+    """A byte-level BPE (``tokenizers``) trained on the offline English + German corpus."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from aa_compile.data import documents
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(documents("mixed"), trainer=trainer)
+    return tok
+
+
+@pytest.mark.parametrize("variant", VARIANTS + PEERS)
 def test_tfree_encode(benchmark, settings, case, texts, variant, repeat):
     batch, n_words = texts
-    tok, first = built_variant(("tfree_encode", case.id, variant),
-                               lambda: TrigramTokenizer(hash_mode=variant))
+    if variant == "bpe":
+        tok, first = built_variant(("tfree_encode", case.id, variant), bpe_tokenizer)
 
-    def step():
-        return tok.encode(batch)
+        def step():
+            return tok.encode_batch(batch)
+    else:
+        tok, first = built_variant(("tfree_encode", case.id, variant),
+                                   lambda: TrigramTokenizer(hash_mode=variant))
+
+        def step():
+            return tok.encode(batch)
 
     # the shape names the exact word count (same for both variants: one seeded text)
     run_benchmark(benchmark, step, settings=settings, workload="tfree_encode", variant=variant,

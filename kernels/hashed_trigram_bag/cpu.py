@@ -1,0 +1,221 @@
+"""CPU path of `aa::hashed_trigram_bag`: the fast-mode slots computed with vectorized torch
+integer ops, then the `aa::trigram_bag` CPU kernels on the materialized slots (numerics:
+:mod:`aa_compile.kernels.hashed_trigram_bag.reference`).
+
+**The hash in torch** (`fast_slots`, bit-identical to `aa_compile.models.tfree.hashing.fast_slots`,
+property-tested against it). torch has no unsigned 64-bit shifts or products on CPU (``uint64``
+lacks ``rshift``), so SplitMix64 runs on int64: addition, product and xor of two's-complement
+int64 are the same bits as mod-2**64 unsigned arithmetic (ATen's int64 ``mul`` wraps), and a
+logical right shift by ``s`` is the arithmetic one masked to its low ``64 - s`` bits. The
+constants are passed as their signed int64 readings.
+
+Base slots of ``n`` trigrams: all ``m`` first candidates (``j = 0``) at once as an ``[n, m]``
+tensor, sorted along the row. A row whose sorted candidates hold no two equal neighbours needed
+no retry (its candidate k was new among candidates 0..k-1), so the sorted row *is* its base
+slots. Only the rows with a repeat (rare: about ``m**2 / (2 v)`` of them) rerun the defining
+column-by-column loop with its retries ``j = 1, 2, ...``: in Python integers for up to
+`SCALAR_RETRY_ROWS` rows (`_retry_rows_scalar`: a T-FREE batch has a handful, and a torch op
+costs more dispatch time than a Python loop step), vectorized over the rows beyond that
+(`_retry_rows`, small v). Lowercase sharing then hashes the patterns of the case variants
+(when ``k_lower > 0``) and copies their last ``k_lower`` sorted slots in.
+
+Every torch op here exists on every device, so this is also the path of CUDA float64 and CUDA
+without Triton (there the collision and variant checks are host syncs).
+
+`materialize_slots` hashes each distinct id once by default (`UNIQUE`: ``torch.unique`` and a
+gather back), since text repeats trigrams a lot: the benchmark's generated text has 4x fewer
+distinct trigrams than trigrams at 512 words, 20x at 4096. Measured on the 2-core dev VM (one
+thread, loaded by other jobs, so minima of 15 runs; v=8192, m=10, k_lower=2): 4096 words =
+17.8k trigrams hash in 3.3 ms with ``unique`` vs 21 ms without; 512 words in 0.9-2.3 ms either
+way (dispatch-bound). Against the bag itself that is ~2% (h=1024) to ~20-40% (h=256) of the
+forward at 4096 words; see the report in ``bench/test_hashed_trigram_bag.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from aa_compile.kernels.trigram_bag import cpu as bag_cpu
+from torch import Tensor
+
+from aa_compile.models.tfree.hashing import TRIGRAM_COUNT
+
+#: ``trigram_ids`` at or above this are rows of ``whole_word_slots`` (== tokenizer.WHOLE_WORD_BASE)
+WHOLE_WORD_BASE = TRIGRAM_COUNT
+
+
+def _signed(x: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``x``."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _xor_lshr(z: Tensor, s: int) -> Tensor:
+    """``z ^ (z >>> s)`` (logical shift) on int64 holding uint64 bits, in place."""
+    return z.bitwise_xor_(z.bitwise_right_shift(s).bitwise_and_((1 << (64 - s)) - 1))
+
+
+def splitmix64(key: Tensor) -> Tensor:
+    """SplitMix64's output for int64 ``key`` (uint64 bits); returns a new int64 tensor."""
+    z = key + _GOLDEN
+    _xor_lshr(z, 30).mul_(_MIX1)
+    _xor_lshr(z, 27).mul_(_MIX2)
+    return _xor_lshr(z, 31)
+
+
+def candidates(ids: Tensor, k, j, v: int) -> Tensor:
+    """``candidate(i, k, j) = (splitmix64(i | k << 24 | j << 40) >>> 32) % v`` (int64).
+
+    ``ids``, ``k`` and ``j`` broadcast (tensors or ints; ``0 <= k < 2**16``, ``0 <= j < 2**23``).
+    """
+    key = ids.long() | (k << 24) | (j << 40)
+    z = splitmix64(key)
+    return z.bitwise_right_shift_(32).bitwise_and_(0xFFFFFFFF).remainder_(v)
+
+
+def _retry_rows(ids: Tensor, v: int, m: int) -> Tensor:
+    """``[r, m]`` distinct base slots of ``ids`` by the defining rule: slot k is candidate
+    ``(i, k, j)`` for the smallest j not among slots 0..k-1 (vectorized over the rows; the
+    retries loop over the rows that collided). Unsorted."""
+    out = torch.empty(ids.shape[0], m, dtype=torch.int64, device=ids.device)
+    for k in range(m):
+        cand = candidates(ids, k, 0, v)
+        rows = torch.nonzero((out[:, :k] == cand[:, None]).any(1)).flatten()
+        j = 0
+        while rows.numel():
+            j += 1
+            cand[rows] = candidates(ids[rows], k, j, v)
+            rows = rows[(out[rows, :k] == cand[rows, None]).any(1)]
+        out[:, k] = cand
+    return out
+
+
+_M64 = (1 << 64) - 1
+
+
+def _candidate_int(i: int, k: int, j: int, v: int) -> int:
+    """``candidate(i, k, j)`` in Python integers (the retry path of a few rows)."""
+    z = ((i | k << 24 | j << 40) + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return ((z ^ (z >> 31)) >> 32) % v
+
+
+def _retry_rows_scalar(ids: Tensor, first: Tensor, v: int) -> Tensor:
+    """`_retry_rows` for a few rows in Python integers; ``first`` are the rows' ``j = 0``
+    candidates ``[r, m]``. Each torch op costs microseconds of dispatch, so for the handful
+    of colliding rows of a T-FREE batch a Python loop is several times faster."""
+    rows = []
+    for i, cands in zip(ids.tolist(), first.tolist()):
+        chosen: list[int] = []
+        for k, c in enumerate(cands):
+            j = 0
+            while c in chosen:
+                j += 1
+                c = _candidate_int(i, k, j, v)
+            chosen.append(c)
+        rows.append(chosen)
+    return torch.tensor(rows, dtype=torch.int64, device=ids.device)
+
+
+#: default of `materialize_slots`'s ``unique`` (see the module doc)
+UNIQUE = True
+
+#: colliding rows up to this many take the Python-integer retry path
+SCALAR_RETRY_ROWS = 256
+
+
+def fast_base_slots(ids: Tensor, v: int, m: int) -> Tensor:
+    """``[n, m]`` distinct sorted fast-mode slots of trigram ids ``ids`` (before sharing)."""
+    ids = ids.reshape(-1).long()
+    ks = torch.arange(m, dtype=torch.int64, device=ids.device)
+    first = candidates(ids[:, None], ks[None, :], 0, v)
+    slots = first.sort(dim=1).values
+    if m > 1:
+        dup = (slots[:, 1:] == slots[:, :-1]).any(1)
+        rows = torch.nonzero(dup).flatten()
+        if 0 < rows.numel() <= SCALAR_RETRY_ROWS:
+            slots[rows] = _retry_rows_scalar(ids[rows], first[rows], v).sort(dim=1).values
+        elif rows.numel():
+            slots[rows] = _retry_rows(ids[rows], v, m).sort(dim=1).values
+    return slots
+
+
+def lowercase_partner(ids: Tensor) -> Tensor:
+    """Per id: its ``[a-z ]^3`` lowercase pattern if it is a case variant of one, else itself
+    (`hashing.lowercase_partner` in torch)."""
+    ids = ids.long()
+    lowered = torch.zeros_like(ids)
+    allowed = torch.ones_like(ids, dtype=torch.bool)
+    for shift in (0, 8, 16):
+        b = (ids >> shift) & 255
+        low = b + 32 * ((b >= 65) & (b <= 90))
+        allowed &= ((low >= 97) & (low <= 122)) | (low == 32)
+        lowered |= low << shift
+    return torch.where(allowed, lowered, ids)
+
+
+def fast_slots(ids: Tensor, v: int, m: int, k_lower: int) -> Tensor:
+    """``[n, m]`` int64 fast-mode slots with lowercase sharing, on ``ids``' device:
+    bit-identical to `hashing.fast_slots` (ids must lie in ``[0, 2**24)``)."""
+    ids = ids.reshape(-1).long()
+    out = fast_base_slots(ids, v, m)
+    if k_lower == 0 or ids.numel() == 0:
+        return out
+    partner = lowercase_partner(ids)
+    variant = torch.nonzero(partner != ids).flatten()
+    if variant.numel():
+        shared = fast_base_slots(partner.index_select(0, variant), v, m)
+        out[variant, m - k_lower:] = shared[:, m - k_lower:]
+    return out
+
+
+def materialize_slots(
+    trigram_ids: Tensor, v: int, m: int, k_lower: int, whole_word_slots: Tensor | None,
+    unique: bool = UNIQUE,
+) -> Tensor:
+    """``[n_trigrams, m]`` int64 slots of every entry of ``trigram_ids``: hashed ids below
+    ``WHOLE_WORD_BASE``, rows of ``whole_word_slots`` at and above it (input assumed valid).
+    ``unique``: hash each distinct id once and gather the rows back."""
+    ids = trigram_ids.reshape(-1).long()
+    if unique and ids.numel():
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        rows = materialize_slots(uniq, v, m, k_lower, whole_word_slots, unique=False)
+        return rows.index_select(0, inv)
+    if whole_word_slots is None or whole_word_slots.shape[0] == 0:
+        return fast_slots(ids, v, m, k_lower)
+    whole = torch.nonzero(ids >= WHOLE_WORD_BASE).flatten()
+    if whole.numel() == 0:
+        return fast_slots(ids, v, m, k_lower)
+    out = fast_slots(ids.clamp(max=WHOLE_WORD_BASE - 1), v, m, k_lower)
+    rows = ids.index_select(0, whole) - WHOLE_WORD_BASE
+    out[whole] = whole_word_slots.index_select(0, rows).long()
+    return out
+
+
+def _slot_offsets(trigram_offsets: Tensor, m: int) -> Tensor:
+    return trigram_offsets.long() * m
+
+
+def hashed_trigram_bag_fwd(
+    weight: Tensor, trigram_ids: Tensor, trigram_offsets: Tensor, m: int, k_lower: int,
+    whole_word_slots: Tensor | None = None,
+) -> Tensor:
+    """Forward ``[n_words, h]`` in ``weight.dtype`` (input assumed valid)."""
+    slots = materialize_slots(trigram_ids, weight.shape[0], m, k_lower, whole_word_slots)
+    return bag_cpu.trigram_bag_fwd(weight, slots.reshape(-1),
+                                   _slot_offsets(trigram_offsets, m))
+
+
+def hashed_trigram_bag_bwd(
+    grad: Tensor, weight: Tensor, trigram_ids: Tensor, trigram_offsets: Tensor, m: int,
+    k_lower: int, whole_word_slots: Tensor | None = None,
+) -> Tensor:
+    """``dweight [v, h]`` in ``weight.dtype``: the slots are recomputed (not saved by the
+    forward) and reduced by the deterministic sorted-segment kernel of `aa::trigram_bag`."""
+    slots = materialize_slots(trigram_ids, weight.shape[0], m, k_lower, whole_word_slots)
+    return bag_cpu.weight_grad(grad, weight, slots.reshape(-1),
+                               _slot_offsets(trigram_offsets, m), None)

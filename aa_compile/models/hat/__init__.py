@@ -1,0 +1,28 @@
+"""HAT (Hierarchical Autoregressive Transformer): the byte/word reference model.
+
+`splitter` (text <-> words <-> bytes, wrapping `hat_splitter`), `batch` (packed `ByteBatch`),
+`config` (`HATConfig`), `modules` (masked byte attention, word pooling, guide vector),
+`model` (`HATModel`: forward, loss, generate) and `train` (a tiny CPU training run).
+"""
+
+from .batch import IGNORE, ByteBatch
+from .config import BYTE_VOCAB, EOS_BYTE, NON_UTF8_BYTES, HATConfig
+from .model import HATModel
+from .modules import GuideVector, WordPooling, rope_at, sliding_window_mask
+from .splitter import DEFAULT_SPECIAL_TOKENS, HATByteSplitter
+
+__all__ = [
+    "BYTE_VOCAB",
+    "DEFAULT_SPECIAL_TOKENS",
+    "EOS_BYTE",
+    "IGNORE",
+    "NON_UTF8_BYTES",
+    "ByteBatch",
+    "GuideVector",
+    "HATByteSplitter",
+    "HATConfig",
+    "HATModel",
+    "WordPooling",
+    "rope_at",
+    "sliding_window_mask",
+]

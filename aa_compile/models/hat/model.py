@@ -1,0 +1,161 @@
+"""`HATModel`: the Hierarchical Autoregressive Transformer reference (arXiv 2501.10322).
+
+Data flow over a packed `ByteBatch` (T bytes, W words, D documents):
+
+1. encoder: ``Embedding(256, d_enc)`` + byte blocks with causal sliding-window attention over
+   each document's byte stream (RoPE at the byte's position in its document) -> ``h [T, d_enc]``;
+2. pooling: one latent query per word attends to the word's bytes -> ``words [W, d_bb]``;
+3. backbone: reference transformer `Block`s, causal over each document's words (padded to
+   ``[D, M, d_bb]``, RoPE at word positions; no embedding, norm or head);
+4. decoder connector: ``pred[w] = backbone_out[w - 1]`` within a document, ``pred[first word]
+   = first_word`` (a learned vector);
+5. decoder: ``h`` + guide vector of the byte's word, byte blocks (same mask as the encoder),
+   RMSNorm, ``Linear(d_enc, 256)`` -> logits ``[T, 256]``.
+
+Which byte predicts which: the logits at byte t predict byte t + 1 of the same document (the
+last byte of a document predicts nothing). Byte t of word w sees bytes <= t (encoder and
+decoder are causal) and words < w (through ``pred[w]``), never its own word's pooled vector, so
+the last byte of word w predicts the first byte of word w + 1 from backbone(words <= w - 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aa_compile.models.transformer import Block
+
+from .batch import IGNORE, ByteBatch
+from .config import HATConfig
+from .modules import ByteDecoder, ByteEncoder, WordPooling, rope_at, sliding_window_mask
+from .splitter import HATByteSplitter
+
+
+class HATModel(nn.Module):
+    """Byte encoder -> word pooling -> word backbone -> guide vectors -> byte decoder."""
+
+    def __init__(self, cfg: HATConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, HATConfig):
+            raise TypeError(f"HATModel expects a HATConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        self.encoder = ByteEncoder(cfg.encoder)
+        self.pooling = WordPooling(cfg.d_enc, cfg.d_backbone, cfg.pool_heads, cfg.pool_qk_norm,
+                                   cfg.backbone.norm_eps)
+        self.backbone = nn.ModuleList(Block(cfg.backbone) for _ in range(cfg.backbone.n_layers))
+        self.first_word = nn.Parameter(torch.empty(cfg.d_backbone))
+        self.decoder = ByteDecoder(cfg.d_backbone, cfg.decoder, cfg.guide_every_layer)
+        self.splitter = HATByteSplitter(cfg.max_word_bytes, {"<|eot_id|>": cfg.eos_byte})
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std); norms at 1; each stack's output projections (``o_proj``,
+        ``down_proj`` inside its blocks) scaled down by sqrt(2 · that stack's layers)."""
+        layers = {"encoder": self.config.encoder.n_layers,
+                  "backbone": self.config.backbone.n_layers,
+                  "decoder": self.config.decoder.n_layers}
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attn.o_proj.weight", "down_proj.weight")):  # inside blocks
+                nn.init.normal_(p, std=std / math.sqrt(2 * layers[name.split(".")[0]]))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts per part and in total."""
+        parts = {name: sum(p.numel() for p in module.parameters())
+                 for name, module in (("encoder", self.encoder), ("pooling", self.pooling),
+                                      ("backbone", self.backbone), ("decoder", self.decoder))}
+        parts["first_word"] = self.first_word.numel()
+        parts["total"] = sum(parts.values())
+        return parts
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, batch: ByteBatch) -> Tensor:
+        """Byte logits ``[T, 256]`` of a packed batch."""
+        if not isinstance(batch, ByteBatch):
+            raise TypeError(f"HATModel takes a ByteBatch (HATByteSplitter.encode), got "
+                            f"{type(batch).__name__}")
+        if batch.n_bytes == 0:
+            raise ValueError("the batch has no bytes: there is nothing to predict from")
+        cfg = self.config
+        mask = sliding_window_mask(batch.byte_doc, batch.byte_pos, cfg.sliding_window)
+        cos, sin = rope_at(batch.byte_pos, cfg.encoder.head_dim, cfg.encoder.rope_theta)
+        h = self.encoder(batch.bytes, cos, sin, mask)
+        words = self.pooling(h, batch.word_bytes, batch.word_mask)
+        pred = self.predict_words(words, batch)
+        cos, sin = rope_at(batch.byte_pos, cfg.decoder.head_dim, cfg.decoder.rope_theta)
+        return self.decoder(h, pred, batch.byte_word, cos, sin, mask)
+
+    def predict_words(self, words: Tensor, batch: ByteBatch) -> Tensor:
+        """Backbone over each document's words, shifted right by one word: ``[W, d_bb]``.
+        Documents are padded at the end to ``[D, M]``; causal attention keeps real words from
+        seeing the padding, so its content (word 0's vector) does not matter."""
+        x = words[batch.doc_words]
+        n_docs, width, d = x.shape
+        positions = torch.arange(width, device=x.device)
+        cos, sin = rope_at(positions, self.config.backbone.head_dim,
+                           self.config.backbone.rope_theta)
+        for block in self.backbone:
+            x = block(x, cos, sin)
+        first = self.first_word.to(x.dtype).expand(n_docs, 1, d)
+        shifted = torch.cat([first, x[:, :-1]], dim=1)
+        return shifted[batch.word_doc, batch.word_pos]
+
+    def loss(self, batch: ByteBatch) -> Tensor:
+        """Mean next-byte cross-entropy over ``batch.targets`` (byte t predicts byte t + 1 of
+        the same document); 0 when no byte has a successor."""
+        logits = self(batch).float()
+        total = F.cross_entropy(logits, batch.targets, ignore_index=IGNORE, reduction="sum")
+        return total / (batch.targets != IGNORE).sum().clamp(min=1)
+
+    # -- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_bytes(self, prompt: str, max_bytes: int = 256, max_words: int | None = None
+                       ) -> tuple[bytes, list[bytes]]:
+        """Greedy generation; returns the new bytes and the final words (prompt included).
+
+        One byte per step: the whole model runs again on the prompt + the bytes so far (no KV
+        cache: the reference recomputes, which makes each step's logits exactly those of a
+        teacher-forced forward on the same words). The new byte is appended with the
+        splitter's rule (`HATByteSplitter.append_byte`): when ``last word + byte`` re-splits
+        into several words, the finished ones enter pooling and the backbone on the next
+        step and the new word gets its guide vector. Stops at ``eos_byte`` (not returned),
+        after ``max_bytes`` new bytes, or before the ``max_words + 1``-th new word begins.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        for name, value in (("max_bytes", max_bytes), ("max_words", max_words)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        words = self.splitter.words(prompt)
+        if not words:
+            raise ValueError("prompt must contain at least one byte: the first byte of a "
+                             "document is never predicted")
+        device = self.first_word.device
+        out, new_words = bytearray(), 0
+        while len(out) < max_bytes:
+            logits = self(ByteBatch.from_words([words]).to(device))
+            byte = int(logits[-1].argmax())
+            if byte == self.config.eos_byte:
+                break
+            pieces = self.splitter.append_byte(words[-1], byte)
+            if max_words is not None and new_words + len(pieces) - 1 > max_words:
+                break
+            new_words += len(pieces) - 1
+            words[-1:] = pieces
+            out.append(byte)
+        return bytes(out), words
+
+    def generate(self, prompt: str, max_bytes: int = 256, max_words: int | None = None) -> str:
+        """The text greedily generated after ``prompt`` (see `generate_bytes`), decoded with
+        `HATByteSplitter.decode` (invalid UTF-8 becomes U+FFFD)."""
+        data, _ = self.generate_bytes(prompt, max_bytes, max_words)
+        return self.splitter.decode(data)

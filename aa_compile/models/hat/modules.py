@@ -1,0 +1,168 @@
+"""HAT's layers, plainly: masked byte attention, latent-query word pooling, the guide vector.
+
+These are the numerics the fused kernels must match:
+
+- `sliding_window_mask` + `ByteBlock`: dense SDPA with an explicit boolean ``[T, T]`` mask
+  (``aa::window_attention``);
+- `WordPooling`: one latent query per word over the word's own bytes, padded to
+  ``[W, L]`` with a key mask (``aa::word_pool``);
+- `GuideVector`: ``o_proj(v_proj(kv_norm(pred)))`` gathered to every byte of the word and added
+  (``aa::guide_add``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aa_compile.models.transformer import (
+    Attention,
+    RMSNorm,
+    SwiGLU,
+    TransformerConfig,
+    apply_rope,
+)
+
+
+def rope_at(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin ``[n, head_dim / 2]`` (float32) at arbitrary integer positions; row p equals row
+    p of `transformer.rope_tables`, without a table (and so without a length limit)."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def sliding_window_mask(byte_doc: Tensor, byte_pos: Tensor, window: int) -> Tensor:
+    """``[T, T]`` bool, True = query i may attend key j: same document and
+    ``pos[i] - window < pos[j] <= pos[i]`` (``window`` keys, itself included; flash-attn's
+    ``window_size=(window - 1, 0)``). Every row has at least its diagonal."""
+    same_doc = byte_doc[:, None] == byte_doc[None, :]
+    distance = byte_pos[:, None] - byte_pos[None, :]
+    return same_doc & (distance >= 0) & (distance < window)
+
+
+class MaskedAttention(Attention):
+    """The reference `Attention` (same projections, GQA, RoPE) with an explicit mask."""
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_heads != self.n_heads:
+            repeat = self.n_heads // self.kv_heads
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class ByteBlock(nn.Module):
+    """Llama block (pre-norm attention + SwiGLU) over the packed byte stream ``[1, T, d]``."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = MaskedAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ByteEncoder(nn.Module):
+    """``Embedding(256, d)`` + byte blocks; no final norm (the outputs feed pooling and the
+    decoder directly)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(ByteBlock(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, data: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        x = self.embed(data)[None]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return x[0]
+
+
+class WordPooling(nn.Module):
+    """Word embedding = multi-head cross-attention of one learned latent query (d_backbone)
+    over the word's own byte activations (d_enc), non-causal, then ``o_proj``. No residual, no
+    MLP. No RoPE either: the released HF code rotates q at the word's and k at the bytes'
+    positions, so a score depends on ``word_pos - byte_pos``, which grows along the document
+    and carries no in-word meaning; we leave it out (a loader for those checkpoints would have
+    to add it back)."""
+
+    def __init__(self, d_enc: int, d_model: int, n_heads: int, qk_norm: bool,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.latent_query = nn.Parameter(torch.empty(d_model))
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_enc, d_model, bias=False)
+        self.v_proj = nn.Linear(d_enc, d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, h: Tensor, word_bytes: Tensor, word_mask: Tensor) -> Tensor:
+        """``h [T, d_enc]``, ``word_bytes/word_mask [W, L]`` -> ``[W, d_model]``."""
+        n_words, width = word_bytes.shape
+        q = self.q_norm(self.q_proj(self.latent_query).view(self.n_heads, self.head_dim))
+        q = q[None, :, None, :].expand(n_words, -1, -1, -1)  # [W, H, 1, hd]
+        keys = h[word_bytes]  # [W, L, d_enc]
+        k = self.k_norm(self.k_proj(keys).view(n_words, width, self.n_heads, self.head_dim))
+        v = self.v_proj(keys).view(n_words, width, self.n_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=word_mask[:, None, None, :])
+        return self.o_proj(out.reshape(n_words, -1))
+
+
+class GuideVector(nn.Module):
+    """The decoder's cross-attention from each byte to its word's predictive embedding.
+
+    There is exactly one key per byte, so the softmax is 1 and the query side (q_proj, k_proj,
+    query norm of the released model) has no effect: the output is
+    ``o_proj(v_proj(kv_norm(pred_w)))`` for every byte of word w. We keep only what matters.
+    """
+
+    def __init__(self, d_backbone: int, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.kv_norm = RMSNorm(d_backbone, cfg.norm_eps)
+        self.v_proj = nn.Linear(d_backbone, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, pred: Tensor) -> Tensor:
+        """``pred [W, d_backbone]`` -> one guide vector per word ``[W, d_dec]``."""
+        v = self.v_proj(self.kv_norm(pred)).view(-1, self.kv_heads, self.head_dim)
+        v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # GQA: head h reads h//r
+        return self.o_proj(v.flatten(1))
+
+
+class ByteDecoder(nn.Module):
+    """Guide add (first layer, or every layer) + byte blocks, final RMSNorm, ``Linear(d, 256)``."""
+
+    def __init__(self, d_backbone: int, cfg: TransformerConfig, every_layer: bool) -> None:
+        super().__init__()
+        n_guides = cfg.n_layers if every_layer else 1
+        self.guides = nn.ModuleList(GuideVector(d_backbone, cfg) for _ in range(n_guides))
+        self.layers = nn.ModuleList(ByteBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, h: Tensor, pred: Tensor, byte_word: Tensor, cos: Tensor, sin: Tensor,
+                mask: Tensor) -> Tensor:
+        """``h [T, d]`` encoder output, ``pred [W, d_backbone]`` -> logits ``[T, 256]``."""
+        x = h[None]
+        for i, layer in enumerate(self.layers):
+            if i < len(self.guides):
+                x = x + self.guides[i](pred)[byte_word]
+            x = layer(x, cos, sin, mask)
+        return self.lm_head(self.norm(x[0]))

@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 from .base import GraphPass, PassContext, PassResult, Skip
+from .dictionary_score import DictionaryScorePass
 from .embedding_bag import EmbeddingBagPass
 from .rms_norm import RMSNormPass
+from .tfree_embedding import TFreeEmbeddingPass
 
-PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(), EmbeddingBagPass())
+PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(), EmbeddingBagPass(), TFreeEmbeddingPass(),
+                                   DictionaryScorePass())
 PASSES: dict[str, GraphPass] = {p.name: p for p in PIPELINE}
 
 __all__ = ["PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult", "Skip"]

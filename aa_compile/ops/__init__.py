@@ -7,6 +7,7 @@ Importing this package defines every op (schema, fake impl, autograd, device ker
 from . import rms_norm  # noqa: F401  (defines aa::rms_norm, aa::rms_norm_backward)
 from . import trigram_bag  # noqa: F401
 from . import hashed_trigram_bag  # noqa: F401  (aa::hashed_trigram_bag[_backward])
+from . import dictionary_score  # noqa: F401  (aa::dictionary_score, aa::csr_offsets)
 from .registry import OPS, OpEntry, install_inductor_decompositions
 
 install_inductor_decompositions()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -140,6 +141,10 @@ class TFreeDictionary(nn.Module):
 
     (mean activation on the pattern minus mean off it; ``v - m n_w`` is clamped to >= 1).
     A word without trigrams (the empty word) scores ``-inf``.
+
+    Buffers: ``word_ids``, ``slots``, ``slot_weights`` (1 inner, ``edge_weight`` edge) per
+    pattern entry, word-major (``word_ids`` is non-decreasing: per word, its inner slots then
+    its edge slots, each ascending), and ``n_trigrams`` per word.
     """
 
     def __init__(self, tokenizer: TrigramTokenizer, words: Iterable[str],
@@ -154,19 +159,12 @@ class TFreeDictionary(nn.Module):
         self.vocab_size = tokenizer.vocab_size
         self.m = tokenizer.m
         self.edge_weight = float(edge_weight)
-        word_ids, slots, is_edge, n_trigrams = [], [], [], []
-        for i, w in enumerate(words):
-            inner, edge, n = _word_pattern(tokenizer, w)
-            n_trigrams.append(n)
-            for group, flag in ((inner, False), (edge, True)):
-                word_ids.extend([i] * len(group))
-                slots.extend(group)
-                is_edge.extend([flag] * len(group))
-        self.register_buffer("word_ids", torch.tensor(word_ids, dtype=torch.int64))
-        self.register_buffer("slots", torch.tensor(slots, dtype=torch.int64))
-        edge = torch.tensor(is_edge, dtype=torch.bool)
+        word_ids, slots, is_edge, n_trigrams = _patterns(tokenizer, words)
+        self.register_buffer("word_ids", torch.from_numpy(word_ids))
+        self.register_buffer("slots", torch.from_numpy(slots))
+        edge = torch.from_numpy(is_edge)
         self.register_buffer("slot_weights", torch.where(edge, self.edge_weight, 1.0))
-        self.register_buffer("n_trigrams", torch.tensor(n_trigrams, dtype=torch.int64))
+        self.register_buffer("n_trigrams", torch.from_numpy(n_trigrams))
 
     def __len__(self) -> int:
         return len(self.words)
@@ -209,6 +207,53 @@ class TFreeDictionary(nn.Module):
                                                       dtype=torch.int64), float("-inf"))
         best = score.argmax(-1).reshape(-1).tolist()
         return [self.words[i] for i in best]
+
+
+def _patterns(tokenizer: TrigramTokenizer, words: Sequence[str]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_word_pattern` of every word at once, as int64 ``word_ids`` (non-decreasing), int64
+    ``slots``, bool ``is_edge`` (per word: inner slots then edge slots, each sorted) and int64
+    ``n_trigrams``. Vectorised (one hashing call, one sort), so 10^6 words take seconds."""
+    m, v = tokenizer.m, tokenizer.vocab_size
+    if tokenizer.lowercase:
+        words = [w.lower() for w in words]
+    whole = [bool(w) and tokenizer.hashed_whole(w) for w in words]
+    ids, tri_word = _distinct_trigrams(
+        [w if w and not h else "" for w, h in zip(words, whole)])
+    tri_slots = np.asarray(tokenizer.trigram_slots(ids), dtype=np.int64).reshape(-1, m)
+    tri_edge = ((ids & 255) == 32) | ((ids >> 16) == 32)
+    whole_idx = np.flatnonzero(np.array(whole, dtype=bool))
+    whole_slots = np.array(
+        [hashing.whole_word_slots(words[i], v, m, tokenizer.k_lower) for i in whole_idx],
+        dtype=np.int64).reshape(-1, m)
+    # key = (word, edge, slot): sorted and de-duplicated it is the word-major pattern
+    row_word = np.concatenate([tri_word, whole_idx])
+    row_edge = np.concatenate([tri_edge, np.zeros(len(whole_idx), dtype=bool)])
+    row_key = (row_word * 2 + row_edge) * v
+    keys = (row_key[:, None] + np.concatenate([tri_slots, whole_slots])).reshape(-1)
+    keys.sort()  # (np.unique's hash-based path is ~10x slower here)
+    keys = keys[np.concatenate([keys[:1] == keys[:1], keys[1:] != keys[:-1]])]
+    n_trigrams = np.bincount(tri_word, minlength=len(words)).astype(np.int64)
+    n_trigrams[whole_idx] = 1
+    return keys // (2 * v), keys % v, (keys // v) % 2 == 1, n_trigrams
+
+
+def _distinct_trigrams(words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(trigram ids, word of each)``: every word's distinct `hashing.trigram_ids`, as one
+    numpy pass over the padded UTF-8 bytes (grouped by word, ids ascending within a word)."""
+    enc = [f" {w} ".encode() if w else b"" for w in words]
+    lens = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+    buf = np.frombuffer(b"".join(enc), dtype=np.uint8).astype(np.int64)
+    n_tri = np.maximum(lens - 2, 0)
+    word = np.repeat(np.arange(len(enc), dtype=np.int64), n_tri)
+    # position of each trigram: its word's start plus its rank within the word
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    rank = np.arange(word.size, dtype=np.int64) - np.repeat(np.cumsum(n_tri) - n_tri, n_tri)
+    pos = starts[word] + rank
+    ids = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16) if pos.size else pos
+    keys = np.sort((word << 24) | ids)
+    keys = keys[np.concatenate([keys[:1] == keys[:1], keys[1:] != keys[:-1]])]
+    return keys & ((1 << 24) - 1), keys >> 24
 
 
 def _word_pattern(tokenizer: TrigramTokenizer, word: str) -> tuple[list[int], list[int], int]:

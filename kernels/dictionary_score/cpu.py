@@ -1,0 +1,94 @@
+"""CPU path of `aa::dictionary_score` (numerics: :mod:`aa_compile.kernels.dictionary_score.reference`).
+
+Raw sums: ``S^T [n_words, B]`` is an embedding bag over the *transposed* probabilities: table
+``p^T [v, B]``, bag w = the entries of word w, per-sample weights ``slot_weights``. ATen's
+inference embedding bag (``aten::_embedding_bag_forward_only``, fbgemm code for float32, a plain
+loop for float64) sums each word's entries in order in one thread, so it is deterministic and
+never materialises the ``[B, nnz]`` gather the reference module builds. fbgemm is ~5x slower for
+a one-column table than for two (measured, 100k words, v=32000), so ``B == 1`` is padded to two
+columns.
+
+Normalisation: ``score = S * a - total * c`` with per-word ``c = 1 / off`` and
+``a = 1 / on + c`` (two passes over ``[B, n_words]`` instead of five; a few ulps from the
+reference's divisions), then ``-inf`` written into the columns of words without trigrams.
+
+Top-k (`ordered_topk`): ``torch.topk`` finds the k-th value, the candidates are the scores not
+below it (k of them unless there are ties at the boundary), and a stable descending sort of the
+candidates, kept in word order, gives the documented tie order (lower word index first). A full
+sort of 10^6 scores per row would cost ~20x more. Every op here exists on CUDA too, so the
+Triton path reuses `ordered_topk`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import compute_dtype
+
+
+def raw_sums(p: Tensor, word_offsets: Tensor, slots: Tensor, slot_weights: Tensor) -> Tensor:
+    """``S [B, n_words]`` in ``p.dtype`` (float32 or float64, see module doc)."""
+    b, n_words, nnz = p.shape[0], word_offsets.numel() - 1, slots.numel()
+    if b == 0 or n_words == 0 or nnz == 0:
+        return p.new_zeros(b, n_words)
+    table = p.t().contiguous()
+    if b == 1:
+        table = table.expand(-1, 2).contiguous()
+    out = torch.ops.aten._embedding_bag_forward_only(
+        table, slots, word_offsets.to(slots.dtype), False, 0, False,
+        slot_weights.to(p.dtype), True,
+    )[0]
+    return out[:, :b].t()
+
+
+def normalise(raw: Tensor, total: Tensor, n_trigrams: Tensor, m: int, v: int) -> Tensor:
+    """``score [B, n_words]`` from ``raw`` and ``total [B, 1]`` (see module doc)."""
+    on = (m * n_trigrams).to(raw.dtype)
+    c = (v - on).clamp(min=1).reciprocal()
+    a = on.reciprocal() + c
+    score = (total * c).neg_().addcmul_(raw, a)  # contiguous even for a transposed ``raw``
+    empty = (n_trigrams == 0).nonzero().squeeze(1)
+    if empty.numel():
+        score.index_fill_(1, empty, float("-inf"))
+    return score
+
+
+def scores(probs, word_offsets, slots, slot_weights, n_trigrams, m: int) -> Tensor:
+    p = probs.to(compute_dtype(probs.dtype))
+    raw = raw_sums(p, word_offsets, slots, slot_weights)
+    return normalise(raw, p.sum(-1, keepdim=True), n_trigrams, m, p.shape[1])
+
+
+def ordered_topk(score: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(values, int64 indices) [B, k]``, descending, ties by lower word index (module doc)."""
+    b = score.shape[0]
+    if b == 0 or k == 0:
+        return score.new_empty(b, k), torch.empty(b, k, dtype=torch.int64, device=score.device)
+    kth = torch.topk(score, k, dim=-1).values[:, -1:]
+    cand = torch.lt(score, kth).logical_not_()  # NaN scores count as the largest
+    counts = cand.sum(-1)
+    if bool((counts == k).all()):
+        idx = cand.nonzero()[:, 1].view(b, k)  # row-major: each row's candidates in word order
+        return _sort_candidates(score.gather(1, idx), idx, k)
+    values, indices = [], []
+    for r in range(b):
+        idx = cand[r].nonzero().squeeze(1)
+        val, ind = _sort_candidates(score[r, idx].unsqueeze(0), idx.unsqueeze(0), k)
+        values.append(val)
+        indices.append(ind)
+    return torch.cat(values), torch.cat(indices)
+
+
+def _sort_candidates(vals: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
+    return vals[:, :k], idx.gather(1, order[:, :k])
+
+
+def dictionary_score(probs, word_offsets, slots, slot_weights, n_trigrams, m: int, k: int
+                     ) -> tuple[Tensor, Tensor]:
+    """``k >= 1``: top-k ``(values, indices)``; ``k == 0``: ``(scores, [B, 0] int64)``."""
+    score = scores(probs, word_offsets, slots, slot_weights, n_trigrams, m)
+    if k == 0:
+        return score, torch.empty(score.shape[0], 0, dtype=torch.int64, device=score.device)
+    return ordered_topk(score, k)

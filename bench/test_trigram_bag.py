@@ -1,12 +1,13 @@
 """T-FREE trigram embedding workloads: a batch of words, each the sum over its trigrams of the
 m embedding rows of each trigram's hashed slots, forward (inference) and forward + backward.
 
-Variants: ``eager`` (the T-FREE reference embedding below: gather ``E[trigram_slots]`` as
-``[n_trigrams, m, h]``, ``.sum(-2)``, ``index_add_`` by word), ``inductor`` (torch.compile of
-it), and peers: ``embedding_bag`` (``F.embedding_bag(mode="sum")`` on the flattened slots with
-CSR word offsets) and ``aa_op`` (``torch.ops.aa.trigram_bag`` called eagerly on the same CSR).
-The ``aa`` variant (the backend rewriting the reference module into ``aa::trigram_bag``) comes
-with that pass.
+Variants: ``eager`` (the T-FREE reference embedding, ``aa_compile.models.tfree.TFreeEmbedding``
+with aggregation "sum": gather ``E[trigram_slots]`` as ``[n_trigrams, m, h]``, ``.sum(-2)``,
+``index_add_`` by word), ``inductor`` (torch.compile of it), ``aa`` (``backend="aa"``: the
+``tfree_embedding`` pass rewrites it into ``aa::trigram_bag``, converting the word ids to CSR
+offsets inside the compiled graph, which the timings include), and peers: ``embedding_bag``
+(``F.embedding_bag(mode="sum")`` on the flattened slots with CSR word offsets) and ``aa_op``
+(``torch.ops.aa.trigram_bag`` called eagerly on the same CSR).
 
 Inputs are synthetic but shaped like T-FREE text: about 5 bytes per word, so ``1 + Poisson(4.5)``
 trigrams per word (at most 20, mean ~5.5), ``m`` uniformly hashed slots of ``v`` per trigram.
@@ -17,25 +18,25 @@ CSR for the others) are built once, outside the timed calls, as a tokenizer woul
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
+from aa_compile.models.tfree import TFreeEmbedding
 from bench.harness import (
     compile_variant,
     dtype_name,
     fresh_copy,
     run_benchmark,
     seed_all,
+)
+from bench.harness import (
     variant as built_variant,
 )
 
-#: ``aa`` is not here yet: it needs the pass that rewrites the reference module.
-VARIANTS = ("eager", "inductor")
+VARIANTS = ("eager", "inductor", "aa")
 PEERS = ("embedding_bag", "aa_op")
 
 
@@ -78,27 +79,6 @@ def trigram_bag_cases(quick: bool, device: str) -> list[TrigramBagCase]:
 CASES = trigram_bag_cases
 
 
-class TFreeEmbeddingReference(nn.Module):
-    """The T-FREE input embedding as its public reference code computes it (aggregation "sum",
-    no normalization): gather the ``m`` slot rows of every trigram, sum them, then add each
-    trigram's vector into its word's row with ``index_add_``.
-
-    Integrator's note: this stands in for ``aa_compile.models.tfree``'s embedding module until
-    that exists; switch to it then (the pass will match that module's graph).
-    """
-
-    def __init__(self, vocab: int, hidden: int, n_words: int):
-        super().__init__()
-        self.n_words = n_words
-        self.weight = nn.Parameter(torch.empty(vocab, hidden))
-        nn.init.normal_(self.weight, std=math.sqrt(2 / (5 * hidden)))
-
-    def forward(self, trigram_slots: Tensor, word_of_trigram: Tensor) -> Tensor:
-        per_trigram = self.weight[trigram_slots].sum(-2)  # [n_trigrams, m, h] -> [n_trigrams, h]
-        out = per_trigram.new_zeros(self.n_words, per_trigram.shape[-1])
-        return out.index_add_(0, word_of_trigram, per_trigram)
-
-
 @pytest.fixture(scope="module")
 def base(case, settings):
     """Module, both input forms and the upstream gradient, built once per case."""
@@ -112,24 +92,25 @@ def base(case, settings):
     word_of_trigram = torch.repeat_interleave(torch.arange(case.words), trigrams)
     offsets = torch.zeros(case.words + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(trigrams * case.m, 0)
-    module = TFreeEmbeddingReference(case.vocab, case.hidden, case.words)
+    module = TFreeEmbedding(case.vocab, case.hidden, aggregation="sum")
     module = module.to(device=device, dtype=case.dtype)
     inputs = {
         "slots": slots.to(device),
         "word_of_trigram": word_of_trigram.to(device),
         "indices": slots.reshape(-1).to(device),
         "offsets": offsets.to(device),
+        "n_words": case.words,
     }
     grad = torch.randn(case.words, case.hidden, device=device, dtype=case.dtype)
     return module, inputs, grad
 
 
-def build(module: TFreeEmbeddingReference, variant: str):
+def build(module: TFreeEmbedding, variant: str):
     """``(callable inputs -> [words, h], module whose parameters it uses)`` for ``variant``."""
     m = fresh_copy(module)
     if variant in VARIANTS:
         fn = compile_variant(m, variant)
-        return (lambda x: fn(x["slots"], x["word_of_trigram"])), m
+        return (lambda x: fn(x["slots"], x["word_of_trigram"], x["n_words"])), m
     if variant == "embedding_bag":
         return (lambda x: F.embedding_bag(x["indices"], m.weight, x["offsets"], mode="sum",
                                           include_last_offset=True)), m

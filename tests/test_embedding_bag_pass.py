@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import aa_compile
 
@@ -82,9 +82,30 @@ def test_guards_leave_the_call_and_say_why(kwargs, reason):
     torch.testing.assert_close(got, m(indices, offsets[:-1]))
 
 
-def test_two_dimensional_input_is_left_alone():
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("with_psw", [False, True])
+def test_two_dimensional_fixed_size_bags_are_rewritten(inner, with_psw):
+    """2-D input [B, L] without offsets: B bags of L entries (CSR offsets arange(B + 1) * L)."""
+    torch.manual_seed(0)
     m = Functional(mode="sum")
+    x = torch.randint(0, 50, (5, 3))
+    psw = torch.randn(5, 3, requires_grad=True) if with_psw else None
+    rep = aa_compile.report(lambda i, p: m(i, None, p), x, psw, options={"inner_compiler": inner})
+    assert rep.rewrites["embedding_bag"] == 1, rep.skipped
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i, p: m(i, None, p), backend="aa",
+                             options={"inner_compiler": inner})
+    got, want = compiled(x, psw), m(x, None, psw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    wrt = [m.weight] + ([psw] if with_psw else [])
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, wrt, g), torch.autograd.grad(want, wrt, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_two_dimensional_input_with_include_last_offset_is_left_alone():
+    m = Functional(mode="sum", include_last_offset=True)
     x = torch.randint(0, 50, (4, 3))
     rep = aa_compile.report(lambda i: m(i, None), x, options=EAGER)
     assert rep.rewrites["embedding_bag"] == 0
-    assert any("not 1-D" in r for _, _, r in rep.skipped)
+    assert any("include_last_offset=True with 2-D" in r for _, _, r in rep.skipped)

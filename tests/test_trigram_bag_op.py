@@ -216,3 +216,44 @@ def test_check_indices_switch_gates_value_checks_off_cpu(monkeypatch):
         trigram_bag_op._check(W, IDX, OFFS, None, values=True, op="x")
         trigram_bag_op._check(W, IDX, OFFS, None, values=False, op="x")  # fake impl
     assert seen == [False, True, False, True, True, False]
+
+
+def test_inductor_decomposes_the_cpu_forward_but_keeps_our_backward(monkeypatch):
+    """Under backend="aa" (inductor) the CPU forward is ATen's embedding bag called from the
+    generated code (the Python kernel never runs), the backward is still our op, and the value
+    checks survive as asserts (RuntimeError with the op's message)."""
+    import aa_compile.kernels.trigram_bag as kernels
+
+    calls = {"forward": 0, "backward": 0}
+    fwd, bwd = kernels.forward, kernels.backward
+
+    def count(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(kernels, "forward", count("forward", fwd))
+    monkeypatch.setattr(kernels, "backward", count("backward", bwd))
+    weight, indices, offsets, _, grad = Problem(
+        12, 8, (3, 0, 6, 2), False, torch.float32, torch.int64, False, 7
+    ).make()
+    compiled = torch.compile(lambda w, i, o: OP(w, i, o) * 2, backend="aa")
+    w1 = weight.clone().requires_grad_(True)
+    w2 = weight.clone().requires_grad_(True)
+    out = compiled(w1, indices, offsets)
+    out.backward(grad)
+    (F.embedding_bag(indices, w2, offsets, mode="sum", include_last_offset=True) * 2).backward(grad)
+    torch.testing.assert_close(out, (OP(weight, indices, offsets) * 2))
+    torch.testing.assert_close(w1.grad, w2.grad)
+    assert calls == {"forward": 1, "backward": 1}  # forward: the eager OP call above only
+    bad_index = indices.clone()
+    bad_index[2] = 12
+    # ATen's own check ("... not in the valid range [0, 12)"); the second spelling is what a
+    # graph compiled by an older version of the decomposition (an inductor assert) says, which
+    # inductor's FX graph cache may still hold: its key does not cover decompositions
+    with pytest.raises(RuntimeError, match=r"valid range \[0, 12\)|indices must lie in \[0, 12\)"):
+        compiled(w1, bad_index, offsets)
+    for bad in ([0, 3, 3, 9, 10], [0, 3, 2, 9, 11], [1, 3, 3, 9, 11]):
+        with pytest.raises(RuntimeError, match="offsets must start at 0, be non-decreasing"):
+            compiled(w1, indices, torch.tensor(bad))

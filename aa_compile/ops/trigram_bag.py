@@ -2,6 +2,8 @@
 
     aa::trigram_bag(Tensor weight, Tensor indices, Tensor offsets,
                     Tensor? per_sample_weights=None, bool deterministic=True) -> Tensor
+    aa::tfree_words_to_csr(Tensor slots, Tensor word_of_trigram, SymInt n_words)
+        -> (Tensor indices, Tensor offsets)
     aa::trigram_bag_backward(Tensor grad, Tensor weight, Tensor indices, Tensor offsets,
                              Tensor? per_sample_weights, bool need_weight_grad,
                              bool need_psw_grad, bool deterministic=True) -> (Tensor, Tensor)
@@ -39,6 +41,16 @@ synchronization, so there they are checked only when `CHECK_INDICES` is true (se
 attribute, or the environment variable ``AA_TRIGRAM_BAG_CHECK_INDICES=1`` before import). With
 the check off, out-of-range indices or malformed offsets on a GPU read out of bounds (undefined
 results or a device fault), as with ``F.embedding`` on CUDA.
+
+**Compiled** (``backend="aa"``, inductor, CPU): the forward is decomposed into a direct call of
+ATen's embedding bag (``kernels.trigram_bag.cpu.inductor_decompositions``: no Python custom-op
+cost per call); the backward stays `aa::trigram_bag_backward`. The value checks still hold
+there but raise ``RuntimeError``: an index outside ``[0, v)`` from ATen's kernel, malformed
+offsets from an inductor assert with this op's message (or ATen's kernel).
+
+``aa::tfree_words_to_csr`` turns the T-FREE reference embedding's input (trigram slots
+``[n, m]`` and the word of each trigram, in any order) into this op's CSR bags; the
+``tfree_embedding`` pass emits it. Integer outputs, no autograd.
 """
 
 from __future__ import annotations
@@ -217,6 +229,7 @@ register(
         op=torch.ops.aa.trigram_bag,
         kernels=_KERNELS,
         samples=_samples,
+        decompositions=kernels.cpu.inductor_decompositions,
     )
 )
 
@@ -236,5 +249,86 @@ register(
         op=torch.ops.aa.trigram_bag_backward,
         kernels=_KERNELS,
         samples=_backward_samples,
+    )
+)
+
+
+# --- aa::tfree_words_to_csr: the T-FREE reference embedding's input as CSR bags ---------------
+
+
+def _check_words(slots: Tensor, word_of_trigram: Tensor, n_words: int, *, values: bool) -> bool:
+    """Raise ``ValueError`` for bad input; return whether the word ids are known to be sorted
+    (read on CPU only, where the values are checked anyway)."""
+    op = "aa::tfree_words_to_csr"
+    if slots.dtype not in (torch.int32, torch.int64) or slots.dim() != 2:
+        raise ValueError(f"{op}: slots must be a 2-D [n_trigrams, m] int32/int64 tensor, got "
+                         f"{slots.dtype} of shape {tuple(slots.shape)}")
+    w = word_of_trigram
+    if w.dtype not in (torch.int32, torch.int64) or w.dim() != 1 or w.shape[0] != slots.shape[0]:
+        raise ValueError(f"{op}: word_of_trigram must be a 1-D int32/int64 tensor with one entry "
+                         f"per trigram ({slots.shape[0]}), got {w.dtype} of shape {tuple(w.shape)}")
+    if w.device != slots.device:
+        raise ValueError(f"{op}: word_of_trigram is on {w.device}, but slots are on "
+                         f"{slots.device}")
+    if n_words < 0:
+        raise ValueError(f"{op}: n_words must be >= 0, got {n_words}")
+    if not (values and w.numel() and (w.device.type == "cpu" or CHECK_INDICES)):
+        return False
+    presorted = False
+    if w.device.type == "cpu":
+        a = w.numpy()
+        presorted = bool((a[1:] >= a[:-1]).all())
+        lo, hi = (int(a[0]), int(a[-1])) if presorted else (int(a.min()), int(a.max()))
+    else:
+        lo, hi = torch.stack(torch.aminmax(w)).tolist()
+    if lo < 0 or hi >= n_words:
+        raise ValueError(f"{op}: word_of_trigram must lie in [0, n_words) = [0, {n_words}), "
+                         f"found {lo if lo < 0 else hi}")
+    return presorted
+
+
+@torch.library.custom_op("aa::tfree_words_to_csr", mutates_args=())
+def tfree_words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int
+                       ) -> tuple[Tensor, Tensor]:
+    """T-FREE reference input (``slots [n, m]``, ``word_of_trigram [n]`` in any order,
+    ``n_words``) -> ``(indices [n * m], offsets [n_words + 1] int64)`` for `aa::trigram_bag`,
+    each word's trigrams in their original order (see
+    ``aa_compile.kernels.trigram_bag.cpu.words_to_csr``; on CPU, word ids already in order, as a
+    tokenizer emits them, skip the sort and gather: ``indices`` is then a plain copy of
+    ``slots``). Word ids outside ``[0, n_words)`` raise ``ValueError`` (checked like
+    `aa::trigram_bag`'s indices: always on CPU, elsewhere with `CHECK_INDICES`). Integer
+    outputs: no gradient."""
+    presorted = _check_words(slots, word_of_trigram, n_words, values=True)
+    return kernels.cpu.words_to_csr(slots, word_of_trigram, n_words, presorted)
+
+
+@tfree_words_to_csr.register_fake
+def _(slots, word_of_trigram, n_words):
+    _check_words(slots, word_of_trigram, n_words, values=False)
+    n, m = slots.shape
+    return slots.new_empty(n * m), slots.new_empty(n_words + 1, dtype=torch.int64)
+
+
+def _words_samples(device: str):
+    g = torch.Generator().manual_seed(0)
+    # unsorted word ids, a word without trigrams, trailing unused words
+    word = torch.tensor([2, 0, 2, 4, 0, 2])
+    yield (torch.randint(0, 9, (6, 3), generator=g).to(device), word.to(device), 7), {}
+    # int32, one trigram, m = 1
+    yield (torch.tensor([[5]], dtype=torch.int32).to(device),
+           torch.tensor([0], dtype=torch.int32).to(device), 1), {}
+    # no trigrams at all
+    yield (torch.zeros(0, 4, dtype=torch.int64).to(device),
+           torch.zeros(0, dtype=torch.int64).to(device), 3), {}
+
+
+register(
+    OpEntry(
+        name="aa::tfree_words_to_csr",
+        op=torch.ops.aa.tfree_words_to_csr,
+        kernels={"cpu": "aa_compile.kernels.trigram_bag.cpu",
+                 "cuda": "aa_compile.kernels.trigram_bag.cpu",
+                 "reference": "aa_compile.kernels.trigram_bag.reference"},
+        samples=_words_samples,
     )
 )

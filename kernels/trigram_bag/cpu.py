@@ -7,6 +7,20 @@ types (rounded once on store: bit-equal to the correctly rounded float64 sum in 
 so it is deterministic. Unlike ``F.embedding_bag`` with autograd on, it builds no ``offset2bag`` /
 ``bag_size`` side outputs.
 
+Compiled (``backend="aa"`` with inductor): `inductor_decompositions` hands inductor the forward
+as a direct ``aten::_embedding_bag_forward_only`` call (an extern kernel in the generated code),
+so a compiled graph pays no Python custom-op cost (validation, dispatch: ~0.1 ms a call) for
+it. The decomposition applies below autograd (aot_autograd traces the op's autograd formula,
+then decomposes what runs under it), so the backward is still `aa::trigram_bag_backward`. The
+value checks raise ``RuntimeError`` instead of ``ValueError`` there: an index outside ``[0, v)``
+and ``offsets[0] != 0`` are caught by ATen's kernel (which checks each index it reads), and so
+are decreasing offsets for the fbgemm dtypes; ``offsets[-1] != nnz`` (and decreasing offsets
+for float64) by inductor asserts with the op's message.
+
+`words_to_csr` converts the T-FREE reference embedding's input (trigram slots and the word of
+each trigram, in any order) to the op's CSR bags; it backs ``aa::tfree_words_to_csr``, which the
+``tfree_embedding`` pass emits.
+
 Backward, ``dweight`` (deterministic, no atomics): ``dweight`` is itself an embedding bag over
 the *transposed* CSR. A stable sort of ``indices`` (as int16 / int32 keys when ``v`` allows:
 fewer radix passes) groups the entries of each slot ``i`` in their original order; ``bag(j)`` of
@@ -59,6 +73,63 @@ def trigram_bag_fwd(
     if n_bags == 0 or indices.numel() == 0 or h == 0:
         return torch.zeros(n_bags, h, dtype=weight.dtype, device=weight.device)
     return _bag(weight.contiguous(), indices, offsets, per_sample_weights)
+
+
+_FBGEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _has_fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int, presorted: bool = False
+                 ) -> tuple[Tensor, Tensor]:
+    """The T-FREE reference embedding's input (``slots [n, m]``, ``word_of_trigram [n]`` in any
+    order, ``n_words``) as the op's CSR bags: ``(indices [n * m] in slots' dtype, offsets
+    [n_words + 1] int64)``. A stable sort of the word ids orders the trigram rows word by word,
+    each word's trigrams in their original order (``presorted=True``, word ids known to be
+    non-decreasing as a tokenizer emits them: no sort and no gather, ``indices`` is a plain copy
+    of ``slots``); ``offsets = m * [0, cumsum(trigrams per word)]``, the counts by ``index_add_``
+    (bounds-checked on every device, unlike ``bincount``). Word ids are assumed to lie in
+    ``[0, n_words)`` (the op checks them). ATen ops only, so it serves every device."""
+    n, m = slots.shape
+    if presorted:  # a copy: a custom op's outputs may not alias its inputs
+        indices = slots.reshape(-1).clone()
+    else:
+        perm = torch.sort(word_of_trigram, stable=True).indices
+        indices = slots.index_select(0, perm).reshape(-1)
+    counts = torch.zeros(n_words, dtype=torch.int64, device=slots.device)
+    counts.index_add_(0, word_of_trigram, torch.ones(n, dtype=torch.int64, device=slots.device))
+    offsets = torch.zeros(n_words + 1, dtype=torch.int64, device=slots.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return indices, offsets.mul_(m)
+
+
+def inductor_decompositions() -> dict:
+    """Inductor decompositions (see module doc, "Compiled"): the CPU forward becomes a direct
+    call of ``aten::_embedding_bag_forward_only`` in inductor's generated code, without the
+    Python custom-op layer. The backward op is not decomposed (it stays ours). Declines
+    (``NotImplemented``) off CPU and for a width that is not a known positive int."""
+
+    def fwd(weight, indices, offsets, per_sample_weights=None, deterministic=True):
+        h = weight.shape[1] if weight.dim() == 2 else None
+        if weight.device.type != "cpu" or not isinstance(h, int) or h == 0:
+            return NotImplemented
+        # ATen's kernel checks every index it reads (RuntimeError naming the bad one) and
+        # offsets[0]; fbgemm's kernels (float32/16, bfloat16) also reject decreasing offsets.
+        # What remains is checked by inductor asserts: offsets[-1] == nnz (a scalar), and for
+        # the other paths non-decreasing offsets (a loop over them). No loop for the fbgemm
+        # dtypes: on a loaded 2-core machine every parallel loop inductor generates costs
+        # milliseconds of thread wake-ups.
+        nnz = indices.shape[0]
+        msg = ("aa::trigram_bag: offsets must start at 0, be non-decreasing and end at nnz == "
+               "indices.numel() (CSR bag boundaries)")
+        torch.ops.aten._assert_async.msg(offsets[-1] == nnz, msg)
+        if not (weight.dtype in _FBGEMM_DTYPES and _has_fbgemm()):
+            torch.ops.aten._assert_async.msg((offsets[1:] >= offsets[:-1]).all(), msg)
+        return _bag(weight.contiguous(), indices, offsets, per_sample_weights)
+
+    return {torch.ops.aa.trigram_bag.default: fwd}
 
 
 def stable_sort(indices: Tensor, v: int) -> tuple[Tensor, Tensor]:

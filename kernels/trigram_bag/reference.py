@@ -169,3 +169,18 @@ def trigram_bag_backward(
     if per_sample_weights is not None:
         dpsw = (g * weight.index_select(0, idx).to(acc)).sum(1).to(per_sample_weights.dtype)
     return dweight.to(weight.dtype), dpsw
+
+
+def words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int) -> tuple[Tensor, Tensor]:
+    """T-FREE reference input -> CSR bags, the plain way (the spec of ``aa::tfree_words_to_csr``):
+    ``indices`` are the slot rows of word 0's trigrams, then word 1's, ..., each word's trigrams
+    in their original order; ``offsets[w] = m * (number of trigrams of words < w)``."""
+    m = slots.shape[1]
+    word = word_of_trigram.long()
+    rows = [slots[word == w].reshape(-1) for w in range(n_words)]
+    indices = torch.cat(rows) if rows else slots.new_empty(0)
+    counts = torch.bincount(word, minlength=n_words)[:n_words] if word.numel() else torch.zeros(
+        n_words, dtype=torch.int64)
+    offsets = torch.zeros(n_words + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts.cpu(), 0) * m
+    return indices.to(slots.dtype), offsets.to(slots.device)

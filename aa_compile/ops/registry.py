@@ -34,6 +34,30 @@ class OpEntry:
     decompositions: Callable[[], dict] | None = None
 
 
+def source_hash() -> bytes:
+    """A hash of the source of every op module and every kernel module in `OPS`.
+
+    Inductor's FX-graph cache key does not see the decompositions we install globally (nor
+    the kernels they call), so the backend feeds this hash into the key (see
+    ``aa_compile.backend``): changed op or kernel code never reuses stale compiled graphs.
+    """
+    import hashlib
+    import importlib.util
+    import sys
+
+    h = hashlib.sha256()
+    modules = {name for name in sys.modules if name.startswith("aa_compile.ops.")}
+    for entry in OPS.values():
+        modules.update(entry.kernels.values())
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)  # reads the file; imports nothing new
+        h.update(name.encode() + b"\0")
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            with open(spec.origin, "rb") as f:
+                h.update(f.read())
+    return h.digest()
+
+
 def install_inductor_decompositions() -> None:
     """Add every op's decompositions to inductor's table, for every inductor compile.
 

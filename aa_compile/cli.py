@@ -2,6 +2,7 @@
 
     aa-compile info                 versions, devices, ops and their kernels, passes
     aa-compile report [options]     compile the reference transformer and print the report
+    aa-compile explain [options]    AtMan explanation on the reference transformer (+ PNG)
 """
 
 from __future__ import annotations
@@ -70,6 +71,43 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from aa_compile.atman import explain
+    from aa_compile.models import Transformer, TransformerConfig
+
+    state = None
+    fields = {"vocab_size": args.vocab_size, "d_model": args.d_model, "n_layers": args.n_layers,
+                  "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "max_seq_len": args.max_seq_len}
+    if args.checkpoint:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(ckpt, dict) and "state_dict" in ckpt:
+            fields.update(ckpt.get("config", {}))
+            state = ckpt["state_dict"]
+        else:
+            state = ckpt
+    model = Transformer(TransformerConfig(**fields))
+    if state is not None:
+        model.load_state_dict(state)
+    gen = torch.Generator().manual_seed(args.seed)
+    vocab = model.config.vocab_size
+
+    def ids(text, n):
+        if text:
+            return [int(t) for t in text.replace(",", " ").split()]
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    prompt, target = ids(args.prompt, args.prompt_len), ids(args.target, args.target_len)
+    exp = explain(model, prompt, target, factor=args.factor, mode=args.mode,
+                  conceptual_threshold=args.conceptual_threshold, progress=not args.json)
+    print(json.dumps(exp.to_dict(), indent=2) if args.json else exp)
+    if args.png:
+        exp.plot(args.png)
+        print(f"heat-map written to {args.png}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aa-compile",
@@ -96,6 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--json", action="store_true", help="print JSON")
     report.set_defaults(func=_report)
+
+    ex = sub.add_parser(
+        "explain", help="AtMan explanation of a target continuation on the reference transformer"
+    )
+    ex.add_argument("--checkpoint", help="torch.save'd state dict, or {'config', 'state_dict'}")
+    ex.add_argument("--prompt", help="prompt token ids ('1 2 3'); default: random")
+    ex.add_argument("--target", help="target token ids; default: random")
+    ex.add_argument("--prompt-len", type=int, default=16)
+    ex.add_argument("--target-len", type=int, default=4)
+    ex.add_argument("--mode", default="log_additive", choices=["log_additive", "multiplicative"])
+    ex.add_argument("--factor", type=float, default=0.1)
+    ex.add_argument("--conceptual-threshold", type=float, default=None)
+    ex.add_argument("--d-model", type=int, default=64)
+    ex.add_argument("--n-layers", type=int, default=2)
+    ex.add_argument("--n-heads", type=int, default=4)
+    ex.add_argument("--n-kv-heads", type=int, default=None)
+    ex.add_argument("--vocab-size", type=int, default=256)
+    ex.add_argument("--max-seq-len", type=int, default=512)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--png", help="write the heat-map PNG here")
+    ex.add_argument("--json", action="store_true", help="print JSON")
+    ex.set_defaults(func=_explain)
     return parser
 
 

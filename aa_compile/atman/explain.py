@@ -1,0 +1,381 @@
+"""``explain``: AtMan explanations (arXiv 2301.08110) for any causal model that calls SDPA.
+
+For each explained item (a token, a word or a span of the prompt) the attention to its key
+positions is suppressed in every layer (or the chosen ``layers``) by the ``factor``, and the
+change of the teacher-forced cross-entropy of each target token is measured:
+
+    score[t, item] = CE_t(unperturbed) - CE_t(item suppressed)        (original sign)
+
+How the work is organised (see ``docs/atman.md``):
+1. One unperturbed forward over ``prompt + target[:-1]`` (S positions) gives the baseline
+   cross-entropies and, kept by :class:`~aa_compile.atman.rewrite.AtmanAttentionMode`, every
+   layer's keys/values.
+2. A perturbation whose earliest suppressed position is ``p`` leaves every position ``< p``
+   unchanged in every layer (causal attention; the suppression and the multiplicative mode's
+   row minimum only involve keys a query can see). Perturbations are sorted by ``p`` and packed
+   into batches; a batch runs only positions ``min p .. S-1`` on top of the shared prefix.
+3. Batches are as large as ``max_memory`` allows (an estimate of activation bytes).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import aa_compile.ops  # noqa: F401  (defines aa::atman_attention)
+
+from .explanation import Explanation
+from .rewrite import AtmanAttentionMode
+
+MODES = ("log_additive", "multiplicative")
+DEFAULT_BUDGET = 1 << 30
+DEFAULT_MAX_BATCH = 32
+
+
+def _model_kind(model) -> str:
+    from aa_compile.models.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        return "reference"
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "generic"
+    return "hf" if "position_ids" in params else "generic"
+
+
+def _max_positions(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("max_seq_len", "max_position_embeddings", "n_positions"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _input_embedding(model):
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings()
+    if isinstance(getattr(model, "embed", None), torch.nn.Module):
+        return model.embed
+    raise ValueError(
+        "conceptual_threshold needs the model's input embedding: give the model "
+        "get_input_embeddings() (HF) or an `embed` module"
+    )
+
+
+def _as_ids(x, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        t = x
+    elif isinstance(x, Sequence) and not isinstance(x, str):
+        t = torch.tensor(list(x), dtype=torch.int64)
+    else:
+        raise TypeError(f"{name} must be a tensor or a list of token ids, got {type(x).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must hold integer token ids, got {t.dtype}")
+    if t.dim() == 2:
+        if t.shape[0] != 1:
+            raise ValueError(
+                f"{name} has batch {t.shape[0]}: explain one unpadded sequence at a time "
+                "(padding is not supported)"
+            )
+        t = t[0]
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be [seq] or [1, seq], got shape {tuple(t.shape)}")
+    return t.long()
+
+
+def _items(granularity, prompt_len: int, tokens: list[str] | None) -> list[tuple[int, ...]]:
+    if granularity == "token":
+        return [(i,) for i in range(prompt_len)]
+    if granularity == "word":
+        if tokens is None:
+            raise ValueError("granularity='word' needs a tokenizer (to see where words start)")
+        items: list[list[int]] = []
+        for i in range(prompt_len):
+            tok = tokens[i]
+            if not items or tok[:1] in ("Ġ", "▁", " ", "\n", "Ċ"):
+                items.append([i])
+            else:
+                items[-1].append(i)
+        return [tuple(w) for w in items]
+    if isinstance(granularity, Sequence) and not isinstance(granularity, str):
+        items = []
+        for span in granularity:
+            if (not isinstance(span, Sequence) or len(span) != 2
+                    or not 0 <= span[0] < span[1] <= prompt_len):
+                raise ValueError(
+                    f"granularity spans must be (start, end) pairs with 0 <= start < end <= "
+                    f"{prompt_len} (the prompt length), got {span!r}"
+                )
+            items.append(tuple(range(span[0], span[1])))
+        if not items:
+            raise ValueError("granularity: the list of spans is empty")
+        return items
+    raise ValueError(f"granularity must be 'token', 'word' or a list of (start, end) spans, "
+                     f"got {granularity!r}")
+
+
+def perturbation_specs(items, n_positions: int, factor: float,
+                       conceptual_threshold: float | None,
+                       embeddings: Tensor | None) -> list[dict[int, float]]:
+    """Per item: ``{position: multiplier}``. With conceptual suppression, each position ``k``
+    whose input embedding has cosine ``c >= threshold`` with a suppressed token gets
+    ``(1 - factor)(1 - c) + factor`` (= ``1 - f_paper · c``); the strongest (smallest) wins."""
+    cos = None
+    if conceptual_threshold is not None:
+        e = F.normalize(embeddings.double(), dim=-1, eps=1e-8)
+        cos = (e @ e.T).clamp(-1.0, 1.0)
+    specs = []
+    for item in items:
+        spec = {p: factor for p in item}
+        if cos is not None:
+            for p in item:
+                c = cos[p]
+                for kk in torch.nonzero(c >= conceptual_threshold).flatten().tolist():
+                    if kk == p:
+                        continue
+                    m = (1.0 - factor) * (1.0 - float(c[kk])) + factor
+                    spec[kk] = min(spec.get(kk, 1.0), m)
+        specs.append(spec)
+    return specs
+
+
+def _logits(out) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find logits in the model output of type {type(out).__name__}")
+
+
+def _target_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """``logits [B, T, V]``, ``targets [T]`` -> cross-entropy ``[B, T]`` in float32."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return -lp.gather(-1, targets.view(1, -1, 1).expand(lp.shape[0], -1, 1)).squeeze(-1)
+
+
+def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_additive",
+            conceptual_threshold: float | None = None, granularity="token",
+            layers: Sequence[int] | None = None, max_memory: int | None = None,
+            progress: bool = True, tokenizer=None, attention_mask: Tensor | None = None,
+            include_target: bool = False, prefix_sharing: bool = True,
+            max_batch_size: int = DEFAULT_MAX_BATCH) -> Explanation:
+    """Explain ``target`` (the continuation) by the prompt ``input_ids`` with AtMan.
+
+    Args:
+        model: a causal LM whose attention calls ``F.scaled_dot_product_attention``: the
+            reference :class:`~aa_compile.models.Transformer`, an HF ``transformers`` model with
+            ``attn_implementation="sdpa"`` or any module (without prefix sharing).
+        input_ids: the prompt, ``[P]`` or ``[1, P]``, unpadded. ``target``: token ids (or a
+            string with ``tokenizer``), teacher-forced after the prompt.
+        factor: the suppression multiplier ``m`` (production/code default 0.1; the paper's
+            ``f = 0.9`` is ``1 - m``). ``(0, 1]`` for log_additive, ``[0, 1]`` multiplicative.
+        mode: ``"log_additive"`` (scores ``+= log m``, the production API default) or
+            ``"multiplicative"`` (``(s - rowmin) · m``, the research code's default).
+        conceptual_threshold: κ; co-suppress positions whose input embeddings have cosine
+            similarity ``>= κ`` with a suppressed token (paper: 0.7). None = off.
+        granularity: ``"token"``, ``"word"`` (needs ``tokenizer``) or ``[(start, end), ...]``
+            prompt spans.
+        layers: indices of the attention calls (layers) to manipulate; None = all.
+        max_memory: bytes of activation memory the batched forwards may use (an estimate);
+            default 1 GiB and at most ``max_batch_size`` rows per forward.
+        include_target: also explain each target token by the target tokens before it.
+        prefix_sharing: run perturbations only from their first suppressed position on
+            (exact; False recomputes full sequences as the original does).
+    Returns:
+        :class:`Explanation` with ``scores [T, n_items]`` = ΔCE (relevant items negative).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(factor, (int, float)) or math.isnan(factor):
+        raise ValueError(f"factor must be a number, got {factor!r}")
+    lo_ok = factor > 0 if mode == "log_additive" else factor >= 0
+    if not (lo_ok and factor <= 1):
+        rng = "(0, 1]" if mode == "log_additive" else "[0, 1]"
+        raise ValueError(
+            f"factor={factor} is out of range: it is the attention multiplier of a suppressed "
+            f"token and must lie in {rng} for mode {mode!r} (e.g. 0.1)"
+        )
+    if conceptual_threshold is not None and not 0.0 < conceptual_threshold <= 1.0:
+        raise ValueError(f"conceptual_threshold must lie in (0, 1] or be None, got "
+                         f"{conceptual_threshold!r}")
+    prompt = _as_ids(input_ids, "input_ids")
+    if attention_mask is not None and not bool((attention_mask != 0).all()):
+        raise ValueError("attention_mask has zeros: padded input is not supported; pass the "
+                         "unpadded sequence")
+    if isinstance(target, str):
+        if tokenizer is None:
+            raise TypeError("target is a string: pass tokenizer=... or give token ids")
+        target = tokenizer(target, add_special_tokens=False)["input_ids"]
+    tgt = _as_ids(target, "target")
+    if tgt.numel() == 0:
+        raise ValueError("target is empty: give at least one target token to explain")
+    if prompt.numel() == 0:
+        raise ValueError("input_ids is empty: give a prompt to explain")
+    P, T = prompt.numel(), tgt.numel()
+    S = P + T - 1
+    limit = _max_positions(model)
+    if limit is not None and S > limit:
+        raise ValueError(
+            f"prompt ({P}) + target ({T}) - 1 = {S} positions exceed the model's maximum of "
+            f"{limit}: shorten the target or the prompt"
+        )
+    device = next(model.parameters()).device
+    seq = torch.cat([prompt, tgt[:-1]]).to(device)
+    tgt = tgt.to(device)
+
+    tokens = tokenizer.convert_ids_to_tokens(seq.tolist()) if tokenizer is not None else None
+    items = _items(granularity, P, tokens)
+    if include_target:
+        items += [(P + u,) for u in range(T - 1)]
+
+    def label(pos: tuple[int, ...]) -> str:
+        ids = [int(seq[p]) for p in pos]
+        if tokenizer is not None:
+            return tokenizer.decode(ids)
+        return " ".join(str(i) for i in ids)
+
+    item_labels = [label(i) for i in items]
+    target_labels = ([tokenizer.decode([int(t)]) for t in tgt] if tokenizer is not None
+                     else [str(int(t)) for t in tgt])
+
+    kind = _model_kind(model)
+    if not prefix_sharing:
+        kind = "generic"
+    was_training = model.training
+    model.eval()
+    amode = AtmanAttentionMode(mode, set(layers) if layers is not None else None)
+    amode.prepend = kind == "hf"
+    amode.record = kind == "hf"
+    try:
+        with torch.no_grad():
+            embeddings = None
+            if conceptual_threshold is not None:
+                embeddings = _input_embedding(model)(seq[None])[0].float()
+            specs = perturbation_specs(items, S, float(factor), conceptual_threshold, embeddings)
+            with amode:
+                return _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels,
+                            target_labels, mode, float(factor), conceptual_threshold,
+                            max_memory, max_batch_size, progress)
+    finally:
+        model.train(was_training)
+
+
+def _forward(model, kind: str, amode: AtmanAttentionMode, ids: Tensor, start: int,
+             base_cache) -> Tensor:
+    b, length = ids.shape
+    if kind == "reference":
+        cache = model.new_cache(b, start + length)
+        if start:
+            for layer in range(len(cache.k)):
+                cache.k[layer][:, :, :start] = base_cache.k[layer][:, :, :start]
+                cache.v[layer][:, :, :start] = base_cache.v[layer][:, :, :start]
+            cache.length = start
+        return _logits(model(ids, cache)), cache
+    if kind == "hf":
+        pos = torch.arange(start, start + length, device=ids.device).expand(b, -1)
+        return _logits(model(input_ids=ids, position_ids=pos, use_cache=False)), None
+    return _logits(model(ids)), None
+
+
+def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, target_labels,
+         mode, factor, conceptual_threshold, max_memory, max_batch_size, progress):
+    device = seq.device
+    amode.begin("record", 0, S)
+    base_logits, base_cache = _forward(model, kind, amode, seq[None], 0, None)
+    n_calls = amode.calls
+    if n_calls == 0:
+        raise ValueError(
+            f"{type(model).__name__} never called torch.nn.functional.scaled_dot_product_attention"
+            ": AtMan rewrites SDPA calls (for HF transformers build the model with "
+            "attn_implementation='sdpa')"
+        )
+    base_ce = _target_ce(base_logits[:, P - 1:], tgt)[0]  # [T]
+    vocab = base_logits.shape[-1]
+    del base_logits
+
+    # memory model (bytes, float32): per row of a pass over L positions
+    p = next(model.parameters())
+    esz = p.element_size()
+    hid = getattr(getattr(model, "config", None), "hidden_size", None) or getattr(
+        getattr(model, "config", None), "d_model", None) or 1024
+    n_layers = max(1, n_calls)
+
+    def row_bytes(length: int) -> int:
+        kv = 2 * n_layers * S * hid * esz  # prefix copy / cache per row
+        act = 16 * length * hid * esz + 4 * length * vocab
+        scores = 4 * length * min(S, 4096) * 8  # score tiles, generous
+        return kv + act + scores
+
+    fixed = 2 * n_layers * S * hid * esz
+    starts = [min(s) if (s and kind != "generic") else 0 for s in specs]
+    order = sorted(range(len(specs)), key=lambda i: starts[i])
+    budget = max_memory if max_memory is not None else DEFAULT_BUDGET
+    worst = fixed + row_bytes(S - starts[order[0]]) if order else 0
+    if max_memory is not None and worst > max_memory:
+        raise ValueError(
+            f"max_memory={max_memory} bytes is too small for one perturbation row: about "
+            f"{worst} bytes are needed for {S} positions; raise max_memory"
+        )
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            cur = batches[-1]
+            length = S - starts[cur[0]]
+            if len(cur) < max_batch_size and fixed + (len(cur) + 1) * row_bytes(length) <= budget:
+                cur.append(i)
+                continue
+        batches.append([i])
+
+    scores = torch.zeros(T, len(items), dtype=torch.float32)
+    computed = S
+    for n, batch in enumerate(batches):
+        start = starts[batch[0]]
+        length = S - start
+        width = max(1, max(len(specs[i]) for i in batch))
+        idx = torch.full((len(batch), width), -1, dtype=torch.int64)
+        fac = torch.ones(len(batch), width, dtype=torch.float32)
+        for r, i in enumerate(batch):
+            for c, (pos, f) in enumerate(sorted(specs[i].items())):
+                idx[r, c], fac[r, c] = pos, f
+        amode.begin("perturb", start, length, (idx.to(device), fac.to(device)))
+        ids = seq[start:][None].expand(len(batch), -1)
+        logits, _ = _forward(model, kind, amode, ids, start, base_cache)
+        if amode.calls != n_calls:
+            raise RuntimeError(f"the model made {amode.calls} attention calls in a perturbed "
+                               f"pass but {n_calls} in the unperturbed one")
+        first = max(0, start - (P - 1))  # first target whose logits row was recomputed
+        rows = logits[:, P - 1 + first - start:]
+        ce = _target_ce(rows, tgt[first:])  # [B, T - first]
+        delta = (base_ce[first:][None] - ce).float().cpu()
+        for r, i in enumerate(batch):
+            scores[first:, i] = delta[r]
+        computed += len(batch) * length
+        if progress:
+            print(f"atman: batch {n + 1}/{len(batches)} ({len(batch)} rows from position "
+                  f"{start})", file=sys.stderr)
+    stats: dict[str, Any] = {
+        "model_kind": kind,
+        "positions": S,
+        "items": len(items),
+        "forwards": 1 + len(batches),
+        "batches": len(batches),
+        "positions_computed": computed,
+        "positions_naive": (len(items) + 1) * S,
+        "attention_calls_per_forward": n_calls,
+    }
+    stats["work_saved"] = 1.0 - computed / stats["positions_naive"]
+    return Explanation(scores=scores, items=items, item_labels=item_labels,
+                       target_ids=[int(t) for t in tgt], target_labels=target_labels,
+                       baseline_ce=base_ce.float().cpu(), mode=mode, factor=factor,
+                       conceptual_threshold=conceptual_threshold, stats=stats)

@@ -1,0 +1,122 @@
+"""`aa::atman_attention`: attention with AtMan's per-row key suppression (arXiv 2301.08110).
+
+    aa::atman_attention(Tensor q, Tensor k, Tensor v, Tensor suppress_idx,
+                        Tensor suppress_factor, str mode, bool is_causal, int q_offset=0,
+                        float? scale=None) -> Tensor
+
+``q [B, H, Sq, D]``, ``k [B, Hkv, Sk, D]``, ``v [B, Hkv, Sk, Dv]`` (``H % Hkv == 0``: grouped
+query attention without repeating keys), ``suppress_idx [B, n]`` int64 key positions (``-1`` =
+unused slot), ``suppress_factor [B, n]`` float multipliers in ``[0, 1]`` (``(0, 1]`` for
+``log_additive``). ``q_offset`` is the absolute position of query 0 (queries ``q_offset..``
+against keys ``0..Sk-1``: the shape of a pass that reuses a cached prefix). Numerics and the two
+modes: :mod:`aa_compile.kernels.atman_attention.reference`.
+
+Inference only: the op has no autograd formula (explanations run under ``torch.no_grad``);
+calling it on tensors that require grad raises in autograd, as for any custom op without one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from aa_compile.kernels import atman_attention as kernels
+
+from .registry import OpEntry, register
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MODES = ("log_additive", "multiplicative")
+
+
+def _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset) -> None:
+    name = "aa::atman_attention"
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {arg} must be [B, heads, seq, dim], got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT:
+            raise ValueError(f"{name}: {arg} must be a float tensor, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"{name}: k {tuple(k.shape)} must be [B={b}, Hkv, Sk, D={d}] to match q {tuple(q.shape)}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{name}: v {tuple(v.shape)} must match k {tuple(k.shape)} in B, Hkv, Sk")
+    if k.shape[1] == 0 or h % k.shape[1]:
+        raise ValueError(f"{name}: q heads ({h}) must be a multiple of k/v heads ({k.shape[1]})")
+    if suppress_idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: suppress_idx must be int64, got {suppress_idx.dtype}")
+    if suppress_factor.dtype not in _FLOAT:
+        raise ValueError(f"{name}: suppress_factor must be a float tensor, got {suppress_factor.dtype}")
+    if suppress_idx.dim() != 2 or suppress_idx.shape[0] != b or suppress_factor.shape != suppress_idx.shape:
+        raise ValueError(
+            f"{name}: suppress_idx and suppress_factor must both be [B={b}, n], got "
+            f"{tuple(suppress_idx.shape)} and {tuple(suppress_factor.shape)}"
+        )
+    if mode not in MODES:
+        raise ValueError(f"{name}: mode must be one of {MODES}, got {mode!r}")
+    if q_offset < 0:
+        raise ValueError(f"{name}: q_offset must be >= 0, got {q_offset}")
+
+
+def _check_values(suppress_idx: Tensor, suppress_factor: Tensor, mode: str, sk: int) -> None:
+    """Value checks (they read the tensors, so only on real data, not in the fake impl)."""
+    name = "aa::atman_attention"
+    if suppress_idx.numel() == 0:
+        return
+    if bool(((suppress_idx < -1) | (suppress_idx >= sk)).any()):
+        raise ValueError(f"{name}: suppress_idx entries must be -1 (unused) or in [0, {sk})")
+    used = suppress_idx >= 0
+    f = suppress_factor[used]
+    low_ok = (f > 0) if mode == "log_additive" else (f >= 0)
+    if not bool((low_ok & (f <= 1)).all()) or bool(f.isnan().any()):
+        rng = "(0, 1]" if mode == "log_additive" else "[0, 1]"
+        raise ValueError(f"{name}: suppress_factor must lie in {rng} for mode {mode!r}")
+
+
+@torch.library.custom_op("aa::atman_attention", mutates_args=())
+def atman_attention(
+    q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor, suppress_factor: Tensor,
+    mode: str, is_causal: bool, q_offset: int = 0, scale: float | None = None,
+) -> Tensor:
+    _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset)
+    _check_values(suppress_idx, suppress_factor, mode, k.shape[2])
+    return kernels.forward(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset, scale)
+
+
+@atman_attention.register_fake
+def _(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset=0, scale=None):
+    _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset)
+    return q.new_empty(*q.shape[:3], v.shape[3])
+
+
+def _samples(device: str):
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+    idx = torch.tensor([[1, -1], [0, 3], [-1, -1]], device=device)
+    fac = torch.tensor([[0.1, 1.0], [0.5, 0.2], [1.0, 1.0]], device=device)
+    for mode in MODES:
+        yield (randn(3, 4, 5, 8), randn(3, 2, 5, 8), randn(3, 2, 5, 8), idx, fac, mode, True), {}
+        yield (randn(3, 2, 2, 8), randn(3, 2, 6, 8), randn(3, 2, 6, 4), idx, fac, mode, True), {
+            "q_offset": 4, "scale": 0.3}
+    yield (randn(3, 2, 4, 8, dtype=torch.bfloat16), randn(3, 2, 4, 8, dtype=torch.bfloat16),
+           randn(3, 2, 4, 8, dtype=torch.bfloat16), idx, fac, "log_additive", False), {}
+
+
+register(
+    OpEntry(
+        name="aa::atman_attention",
+        op=torch.ops.aa.atman_attention,
+        kernels={
+            "cpu": "aa_compile.kernels.atman_attention.cpu",
+            "cuda": "aa_compile.kernels.atman_attention.triton_kernel",
+            "reference": "aa_compile.kernels.atman_attention.reference",
+        },
+        samples=_samples,
+    )
+)

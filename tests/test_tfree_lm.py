@@ -144,6 +144,26 @@ def test_compiled_loss_and_grads_equal_eager():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-4, msg=n)
 
 
+def test_aa_rewrites_the_tfree_layers_of_the_lm():
+    """Under backend="aa" the embedding becomes aa::trigram_bag and the 2L+1 RMSNorms
+    aa::rms_norm (eager inner compiler: the graph rewrite without inductor's compile time)."""
+    import aa_compile
+
+    lm, t = model(), tok()
+    x = TFreeInputs.from_words(t, [["a", "tiny", "test", "of", "words"]])
+
+    def step(slots, where, targets, weights):
+        return lm.head.loss(lm(slots, where, x.batch, x.seq), targets, weights)
+
+    args = (x.trigram_slots, x.word_of_trigram, x.targets, x.loss_weights)
+    rep = aa_compile.report(step, *args, options={"inner_compiler": "eager"})
+    assert rep.rewrites["tfree_embedding"] == 1
+    assert rep.rewrites["rms_norm"] == 2 * CFG.n_layers + 1
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aa", options={"inner_compiler": "eager"})
+    torch.testing.assert_close(compiled(*args), step(*args), rtol=1e-5, atol=1e-5)
+
+
 def test_training_cli(tmp_path):
     png = tmp_path / "loss.png"
     out = subprocess.run(

@@ -272,8 +272,12 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
 
 
 def _forward(model, kind: str, amode: AtmanAttentionMode, ids: Tensor, start: int,
-             base_cache) -> Tensor:
+             base_cache, keep: int) -> Tensor:
+    """Logits of the last ``keep`` positions of ``ids`` (positions ``start..``); the head runs
+    on those rows only where the model allows it (reference transformer, HF
+    ``logits_to_keep``): for a short target most of a pass's head work is skipped."""
     b, length = ids.shape
+    keep = max(1, min(keep, length))
     if kind == "reference":
         cache = model.new_cache(b, start + length)
         if start:
@@ -281,18 +285,27 @@ def _forward(model, kind: str, amode: AtmanAttentionMode, ids: Tensor, start: in
                 cache.k[layer][:, :, :start] = base_cache.k[layer][:, :, :start]
                 cache.v[layer][:, :, :start] = base_cache.v[layer][:, :, :start]
             cache.length = start
-        return _logits(model(ids, cache)), cache
+        return _logits(model(ids, cache, logits_to_keep=keep)), cache
     if kind == "hf":
         pos = torch.arange(start, start + length, device=ids.device).expand(b, -1)
-        return _logits(model(input_ids=ids, position_ids=pos, use_cache=False)), None
-    return _logits(model(ids)), None
+        extra = {"logits_to_keep": keep} if _takes(model, "logits_to_keep") else {}
+        out = _logits(model(input_ids=ids, position_ids=pos, use_cache=False, **extra))
+        return out[:, -keep:], None
+    return _logits(model(ids))[:, -keep:], None
+
+
+def _takes(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, target_labels,
          mode, factor, conceptual_threshold, max_memory, max_batch_size, progress):
     device = seq.device
     amode.begin("record", 0, S)
-    base_logits, base_cache = _forward(model, kind, amode, seq[None], 0, None)
+    base_logits, base_cache = _forward(model, kind, amode, seq[None], 0, None, S - (P - 1))
     n_calls = amode.calls
     if n_calls == 0:
         raise ValueError(
@@ -300,7 +313,7 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
             ": AtMan rewrites SDPA calls (for HF transformers build the model with "
             "attn_implementation='sdpa')"
         )
-    base_ce = _target_ce(base_logits[:, P - 1:], tgt)[0]  # [T]
+    base_ce = _target_ce(base_logits, tgt)[0]  # [T]: the rows of positions P-1 .. S-1
     vocab = base_logits.shape[-1]
     del base_logits
 
@@ -339,7 +352,12 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
 
     scores = torch.zeros(T, len(items), dtype=torch.float32)
     computed = S
-    for n, batch in enumerate(batches):
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc="atman", unit="perturbation", file=sys.stderr)
+    for batch in batches:
         start = starts[batch[0]]
         length = S - start
         width = max(1, max(len(specs[i]) for i in batch))
@@ -350,20 +368,20 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
                 idx[r, c], fac[r, c] = pos, f
         amode.begin("perturb", start, length, (idx.to(device), fac.to(device)))
         ids = seq[start:][None].expand(len(batch), -1)
-        logits, _ = _forward(model, kind, amode, ids, start, base_cache)
+        first = max(0, start - (P - 1))  # first target whose logits row was recomputed
+        rows, _ = _forward(model, kind, amode, ids, start, base_cache, S - (P - 1 + first))
         if amode.calls != n_calls:
             raise RuntimeError(f"the model made {amode.calls} attention calls in a perturbed "
                                f"pass but {n_calls} in the unperturbed one")
-        first = max(0, start - (P - 1))  # first target whose logits row was recomputed
-        rows = logits[:, P - 1 + first - start:]
         ce = _target_ce(rows, tgt[first:])  # [B, T - first]
         delta = (base_ce[first:][None] - ce).float().cpu()
         for r, i in enumerate(batch):
             scores[first:, i] = delta[r]
         computed += len(batch) * length
-        if progress:
-            print(f"atman: batch {n + 1}/{len(batches)} ({len(batch)} rows from position "
-                  f"{start})", file=sys.stderr)
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     stats: dict[str, Any] = {
         "model_kind": kind,
         "positions": S,

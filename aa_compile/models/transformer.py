@@ -12,9 +12,8 @@ import dataclasses
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +213,12 @@ class Transformer(nn.Module):
                 f"max_seq_len={self.config.max_seq_len}"
             )
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> Tensor:
+        """Logits ``[B, S, vocab]``; with ``logits_to_keep = n > 0`` only those of the last n
+        positions (``[B, n, vocab]``), skipping the head for the others (as HF models do)."""
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         past = cache.length if cache is not None else 0
         self._check_ids(input_ids, past)
         s = input_ids.shape[1]
@@ -224,6 +228,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, i)
         if cache is not None:
             cache.length += s
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
 
     def loss(self, input_ids: Tensor) -> Tensor:

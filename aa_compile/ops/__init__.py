@@ -9,6 +9,7 @@ from . import trigram_bag  # noqa: F401
 from . import hashed_trigram_bag  # noqa: F401  (aa::hashed_trigram_bag[_backward])
 from . import dictionary_score  # noqa: F401  (aa::dictionary_score, aa::csr_offsets)
 from . import fp8_linear  # noqa: F401  (aa::fp8_linear[_backward])
+from . import window_attention  # noqa: F401  (aa::window_attention[_backward])
 from . import word_pool  # noqa: F401  (aa::word_pool[_backward])
 from . import guide_add  # noqa: F401  (aa::guide_add[_rms_norm][_backward])
 from . import atman_attention  # noqa: F401  (aa::atman_attention)

@@ -1,0 +1,234 @@
+"""Triton (CUDA) path of `aa::window_attention` (numerics: :mod:`.reference`): flash-attention
+forward and backward that visit only the key blocks inside the window and the document.
+
+Forward: one program per (query block, row, query head); online softmax in float32 over the
+key blocks ``[key_lo[first query], last query]`` (:mod:`.layout`), an element mask for the
+block edges; stores the output and the logsumexp (natural log, float32). Backward
+(FlashAttention-2 style, no atomics, deterministic): ``delta = rowsum(dO * O) - dlse``; one
+program per (key block, row, key head) accumulates ``dk``, ``dv`` over the query blocks
+``[first key, query_hi[last key])`` of every query head of its group (grouped-query attention
+without repeating k/v or atomics); one program per query block recomputes the scores for
+``dq``. float32 inputs multiply in IEEE float32 (no TF32). float64 is not supported here (the
+op routes it to :mod:`.cpu`'s device-generic path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .layout import bounds
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+#: query / key rows per block on a GPU (the interpreter, i.e. tests on CPU, uses 16)
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot``; with ``UPCAST`` on float32 copies (the interpreter's bfloat16 dot is wrong)."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PREC)
+    return c
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KEY_LO, T, HQ, HKV, GROUP, D, qk_scale,
+                PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    r = pid_bh // HQ
+    hk = (pid_bh % HQ) // GROUP
+    q_base = pid_bh.to(tl.int64) * T * D
+    kv_base = (r * HKV + hk).to(tl.int64) * T * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lo = tl.load(KEY_LO + offs_m, mask=m_ok, other=T)
+    start = (tl.load(KEY_LO + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    end = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        kn = n0 + offs_n
+        kv_mask = (kn < T)[:, None] & d_ok[None, :]
+        kv_off = kv_base + kn[:, None] * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # log2 units
+        ok = (kn[None, :] >= lo[:, None]) & (kn[None, :] <= offs_m[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LO, QUERY_HI, T, HQ, HKV, GROUP, D,
+                     scale, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # (row, key head)
+    r = pid_bh // HKV
+    hk = pid_bh % HKV
+    kv_base = pid_bh.to(tl.int64) * T * D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < T
+    d_ok = offs_d < D
+    kv_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    start = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    end = tl.load(QUERY_HI + tl.minimum((pid_n + 1) * BLOCK_N, T) - 1)
+    for g in range(GROUP):
+        hq = (r * HQ + hk * GROUP + g).to(tl.int64)
+        for m0 in range(start, end, BLOCK_M):
+            qm = m0 + offs_m
+            m_ok = qm < T
+            q_off = hq * T * D + qm[:, None] * D + offs_d[None, :]
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+            do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+            lse = tl.load(LSE + hq * T + qm, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + hq * T + qm, mask=m_ok, other=0.0)
+            lo = tl.load(KEY_LO + qm, mask=m_ok, other=T)
+            s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
+            ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= qm[:, None])
+            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+            dp = _dot(do, tl.trans(v), PREC, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
+    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_LO, T, HQ, HKV, GROUP, D, scale,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    r = pid_bh // HQ
+    hk = (pid_bh % HQ) // GROUP
+    q_base = pid_bh.to(tl.int64) * T * D
+    kv_base = (r * HKV + hk).to(tl.int64) * T * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    d_ok = offs_d < D
+    q_off = q_base + offs_m[:, None] * D + offs_d[None, :]
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+    lo = tl.load(KEY_LO + offs_m, mask=m_ok, other=T)
+    start = (tl.load(KEY_LO + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    end = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        kn = n0 + offs_n
+        kv_mask = (kn < T)[:, None] & d_ok[None, :]
+        kv_off = kv_base + kn[:, None] * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
+        ok = (kn[None, :] >= lo[:, None]) & (kn[None, :] <= offs_m[:, None])
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _config(q: Tensor):
+    interp = q.device.type != "cuda"
+    bm, bn = (16, 16) if interp else (BLOCK_M, BLOCK_N)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    upcast = interp and q.dtype == torch.bfloat16
+    return bm, bn, max(16, triton.next_power_of_2(q.shape[-1])), prec, upcast
+
+
+def _dims(q: Tensor, k: Tensor):
+    if q.dtype not in _SUPPORTED:
+        raise ValueError(f"q: dtype {q.dtype} is not supported by the Triton kernel; expected "
+                         "float32/float16/bfloat16 (float64 runs on the device-generic path)")
+    hq, t, d = q.shape[-3:]
+    hkv = k.shape[-3]
+    return math.prod(q.shape[:-3]), hq, hkv, t, d
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, doc_offsets: Tensor | None, window: int,
+            scale: float | None) -> tuple[Tensor, Tensor]:
+    """``(out [..., Hq, T, D] q.dtype, lse [..., Hq, T] float32)``."""
+    rows, hq, hkv, t, d = _dims(q, k)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    key_lo, _ = bounds(doc_offsets, t, window, q.device)
+    bm, bn, bd, prec, upcast = _config(q)
+    _fwd_kernel[(triton.cdiv(t, bm), rows * hq)](
+        q.contiguous(), k.contiguous(), v.contiguous(), out, lse, key_lo, t, hq, hkv,
+        hq // hkv, d, scale * _LOG2E, PREC=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    return out, lse
+
+
+def backward(grad: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+             out: Tensor, lse: Tensor, doc_offsets: Tensor | None, window: int,
+             scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` in the inputs' dtype from the saved ``out`` and ``lse``."""
+    rows, hq, hkv, t, d = _dims(q, k)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (grad.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    key_lo, query_hi = bounds(doc_offsets, t, window, q.device)
+    bm, bn, bd, prec, upcast = _config(q)
+    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
+    lse = lse.float().contiguous()
+    _bwd_dkdv_kernel[(triton.cdiv(t, bn), rows * hkv)](
+        q, k, v, grad, lse, delta, dk, dv, key_lo, query_hi, t, hq, hkv, hq // hkv, d, scale,
+        PREC=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    _bwd_dq_kernel[(triton.cdiv(t, bm), rows * hq)](
+        q, k, v, grad, lse, delta, dq, key_lo, t, hq, hkv, hq // hkv, d, scale,
+        PREC=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    return dq, dk, dv

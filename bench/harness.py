@@ -29,14 +29,19 @@ class Settings:
     rounds: int | None = None
 
     def rounds_for(self, kind: str) -> int:
-        """Timed rounds: ``kind`` is ``"model"`` (a whole model step, up to a second on a CPU)
-        or ``"op"`` (one layer or op, milliseconds)."""
+        """Timed rounds: ``kind`` is ``"task"`` (a whole job such as one explanation: many
+        forwards, tens of seconds on a CPU), ``"model"`` (a whole model step, up to a second
+        on a CPU) or ``"op"`` (one layer or op, milliseconds)."""
         if self.rounds is not None:
             return self.rounds
         cuda = self.device == "cuda"
         table = {
             # (kind, quick, cuda) -> rounds per repeat (``--repeats``, default 5); a CUDA call
             # takes milliseconds, a CPU transformer step up to a second.
+            ("task", True, False): 1,
+            ("task", False, False): 1,
+            ("task", True, True): 3,
+            ("task", False, True): 3,
             ("model", True, False): 3,
             ("model", False, False): 3,
             ("model", True, True): 10,

@@ -110,5 +110,5 @@ def test_atman_explain(benchmark, settings, case, base, variant):
         def step():
             return explain(model, ids, tgt, progress=False).scores
     run_benchmark(benchmark, step, settings=settings, workload="atman_explain", variant=variant,
-                  shape=case.shape, dtype=torch.float32, kind="model")
+                  shape=case.shape, dtype=torch.float32, kind="task")
     benchmark.extra_info["rounds_note"] = "naive: n+1 forwards per round"

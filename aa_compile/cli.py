@@ -3,6 +3,7 @@
     aa-compile info                 versions, devices, ops and their kernels, passes
     aa-compile report [options]     compile the reference transformer and print the report
     aa-compile explain [options]    AtMan explanation on the reference transformer (+ PNG)
+    aa-compile fdtm sweep|plan|apply   DTM sensitivity sweep, compression plan, applied model
 """
 
 from __future__ import annotations
@@ -108,6 +109,63 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fdtm_model(args: argparse.Namespace):
+    import torch
+
+    if args.checkpoint:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        from aa_compile.models import Transformer, TransformerConfig
+
+        model = Transformer(TransformerConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval()
+    from aa_compile.models import Transformer, TransformerConfig
+
+    torch.manual_seed(args.seed)
+    return Transformer(TransformerConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+                                         max_seq_len=512)).eval()
+
+
+def _fdtm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from aa_compile import dtm
+
+    model = _fdtm_model(args)
+    prompts = dtm.byte_prompts(args.n_prompts, args.prompt_len, seed=args.seed)
+    out = Path(args.out)
+    if args.action == "sweep":
+        out.mkdir(parents=True, exist_ok=True)
+        res = dtm.sweep(model, prompts, args.n_tokens, args.levels.split(","),
+                        reuse=not args.no_reuse, progress=True)
+        (out / "sweep.json").write_text(json.dumps(res))
+        dtm.heatmap(res, out / "sweep.png")
+        print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
+        return 0
+    if not args.input:
+        raise ValueError(f"fdtm {args.action} needs --input (a sweep JSON for plan, a plan JSON "
+                         "for apply)")
+    data = json.loads(Path(args.input).read_text())
+    if args.action == "plan":
+        if data.get("n_prompts") != args.n_prompts or data.get("prompt_len") != args.prompt_len:
+            print("note: measuring on other prompts than the sweep's", file=sys.stderr)
+        res = dtm.plan(model, data, prompts, args.tau, args.statistic, progress=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        m = res["measured"]
+        print(f"plan: {len(res['plan'])} components, {res['share_saved']:.1%} of component bytes "
+              f"saved; measured {args.statistic}={m[args.statistic]:.1f} (tau={args.tau}); "
+              f"wrote {args.out}")
+        return 0
+    small = dtm.apply(model, data.get("plan", data))
+    r = dtm.dtm(model, small, prompts, args.n_tokens).summary()
+    torch.save(small, args.out)
+    print(json.dumps(r, indent=2))
+    print(f"wrote the compressed module (torch.save pickle) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aa-compile",
@@ -156,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--png", help="write the heat-map PNG here")
     ex.add_argument("--json", action="store_true", help="print JSON")
     ex.set_defaults(func=_explain)
+    fd = sub.add_parser(
+        "fdtm", help="Divergent Token Metrics: per-component sweep, plan, apply (pruning/int8)"
+    )
+    fd.add_argument("action", choices=["sweep", "plan", "apply"])
+    fd.add_argument("--checkpoint", help="{'config', 'state_dict'} of a reference transformer "
+                    "(bench/train_reference.py); default: a random byte-level one")
+    fd.add_argument("--input", help="plan: the sweep JSON; apply: the plan JSON")
+    fd.add_argument("--out", default="fdtm_out", help="sweep: folder; plan: JSON; apply: .pt")
+    fd.add_argument("--n-prompts", type=int, default=32)
+    fd.add_argument("--prompt-len", type=int, default=32)
+    fd.add_argument("--n-tokens", type=int, default=64)
+    fd.add_argument("--levels", default="prune:0.25,prune:0.5,prune:0.75,prune:0.9,2:4,int8")
+    fd.add_argument("--tau", type=float, default=32.0)
+    fd.add_argument("--statistic", default="fdt_median")
+    fd.add_argument("--no-reuse", action="store_true", help="recompute every run from scratch")
+    fd.add_argument("--seed", type=int, default=0)
+    fd.set_defaults(func=_fdtm)
     return parser
 
 

@@ -12,6 +12,7 @@ from . import fp8_linear  # noqa: F401  (aa::fp8_linear[_backward])
 from . import window_attention  # noqa: F401  (aa::window_attention[_backward])
 from . import word_pool  # noqa: F401  (aa::word_pool[_backward])
 from . import guide_add  # noqa: F401  (aa::guide_add[_rms_norm][_backward])
+from . import int8_linear  # noqa: F401  (aa::int8_linear)
 from . import atman_attention  # noqa: F401  (aa::atman_attention)
 from .registry import OPS, OpEntry, install_inductor_decompositions
 

@@ -1,0 +1,23 @@
+"""``aa-compile fdtm sweep|plan|apply`` end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from aa_compile.cli import main
+
+
+def test_fdtm_cli(tmp_path):
+    torch.set_num_threads(1)
+    common = ["--n-prompts", "3", "--prompt-len", "6", "--n-tokens", "6"]
+    assert main(["fdtm", "sweep", *common, "--levels", "int8,prune:0.5",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "sweep.png").exists()
+    assert main(["fdtm", "plan", *common, "--input", str(tmp_path / "s" / "sweep.json"),
+                 "--tau", "3", "--out", str(tmp_path / "plan.json")]) == 0
+    assert "plan" in json.loads((tmp_path / "plan.json").read_text())
+    assert main(["fdtm", "apply", *common, "--input", str(tmp_path / "plan.json"),
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    assert main(["fdtm", "plan", *common]) == 2  # no --input: a clear error, exit code 2

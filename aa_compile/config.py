@@ -12,6 +12,12 @@ from typing import Any
 
 INNER_COMPILERS = ("inductor", "eager", "aot_eager", "tensorrt")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FP8_MODES = (None, "static", "tensorwise", "rowwise")
+#: Linears kept out of FP8 by default: u-μP's "critical matmuls" (input scale can grow during
+#: training), the attention out-projection and the FFN down-projection, which the paper runs
+#: in bf16; and the LM head (the paper's 70%-FP8 count covers the blocks only; in FP8 it cost
+#: 3.0% final loss vs 1.3% kept, bench/umup_fp8_parity.py, 300 steps).
+FP8_KEEP = ("o_proj", "down_proj", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +35,13 @@ class Config:
         strict: raise when a pass fails instead of logging the error and skipping the pass.
         mode: the inductor mode (as in ``torch.compile(mode=...)``).
         inductor_options: extra inductor config patches (``torch._inductor.config`` keys).
+        fp8: run linear layers as `aa::fp8_linear` (pass ``fp8_linear``). ``None`` (default):
+            off. ``"static"``: the unit-scaled linears of a u-μP model, scale 1 (their u-μP
+            scales are kept around the FP8 matmul). ``"tensorwise"`` / ``"rowwise"``: every
+            ``nn.Linear`` / ``F.linear``, scaled from the amax per tensor / per row.
+        fp8_keep: linears left in their own precision, by module name: a last name component
+            (``"o_proj"``) or a dotted suffix of the module path (``"layers.0.mlp.down_proj"``).
+            Default: u-μP's attention out- and FFN down-projections, and the LM head.
     """
 
     inner_compiler: str = "inductor"
@@ -37,6 +50,8 @@ class Config:
     strict: bool = False
     mode: str | None = None
     inductor_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fp8: str | None = None
+    fp8_keep: tuple[str, ...] = FP8_KEEP
 
     def __post_init__(self) -> None:
         from aa_compile.passes import PASSES
@@ -71,6 +86,16 @@ class Config:
                 f"got {type(self.inductor_options).__name__}"
             )
         object.__setattr__(self, "inductor_options", dict(self.inductor_options))
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(f"aa: fp8={self.fp8!r} is not valid; choose one of {list(FP8_MODES)}")
+        keep = self.fp8_keep
+        if (isinstance(keep, (str, bytes)) or not isinstance(keep, (list, tuple))
+                or not all(isinstance(k, str) and k.strip(". ") for k in keep)):
+            raise ValueError(
+                f"aa: fp8_keep must be a list of module names (e.g. {list(FP8_KEEP)}; [] to "
+                f"keep none), got {keep!r}"
+            )
+        object.__setattr__(self, "fp8_keep", tuple(keep))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Config | None) -> Config:
@@ -103,5 +128,6 @@ class Config:
     def key(self) -> str:
         """A stable string of the options that change what the passes produce (for uuids)."""
         return repr(
-            (self.enabled_passes(), self.strict, sorted(self.inductor_options.items()))
+            (self.enabled_passes(), self.strict, sorted(self.inductor_options.items()),
+             self.fp8, self.fp8_keep)
         )

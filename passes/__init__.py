@@ -9,11 +9,12 @@ from __future__ import annotations
 from .base import GraphPass, PassContext, PassResult, Skip
 from .dictionary_score import DictionaryScorePass
 from .embedding_bag import EmbeddingBagPass
+from .fp8_linear import FP8LinearPass
 from .rms_norm import RMSNormPass
 from .tfree_embedding import TFreeEmbeddingPass
 
 PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(), EmbeddingBagPass(), TFreeEmbeddingPass(),
-                                   DictionaryScorePass())
+                                   DictionaryScorePass(), FP8LinearPass())
 PASSES: dict[str, GraphPass] = {p.name: p for p in PIPELINE}
 
 __all__ = ["PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult", "Skip"]

@@ -54,3 +54,20 @@ def test_passes_run_in_pipeline_order_without_duplicates():
 def test_key_changes_with_enabled_passes():
     assert Config().key() != Config(disable=("rms_norm",)).key()
     assert Config().key() == Config().key()
+
+
+def test_fp8_options_default_off_and_validated():
+    cfg = Config()
+    assert cfg.fp8 is None and cfg.fp8_keep == ("o_proj", "down_proj", "lm_head")
+    cfg = Config.from_options({"fp8": "rowwise", "fp8_keep": ["lm_head"]})
+    assert cfg.fp8 == "rowwise" and cfg.fp8_keep == ("lm_head",)
+    assert Config(fp8_keep=[]).fp8_keep == ()
+    with pytest.raises(ValueError, match=r"fp8='fp8' is not valid; choose one of \[None, 'static'"):
+        Config(fp8="fp8")
+    with pytest.raises(ValueError, match=r"fp8_keep must be a list of module names"):
+        Config(fp8_keep="o_proj")
+
+
+def test_key_changes_with_fp8_options():
+    assert Config().key() != Config(fp8="static").key()
+    assert Config(fp8="static").key() != Config(fp8="static", fp8_keep=()).key()

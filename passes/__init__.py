@@ -10,11 +10,13 @@ from .base import GraphPass, PassContext, PassResult, Skip
 from .dictionary_score import DictionaryScorePass
 from .embedding_bag import EmbeddingBagPass
 from .fp8_linear import FP8LinearPass
+from .hat import GuideAddPass, WindowAttentionPass, WordPoolPass
 from .rms_norm import RMSNormPass
 from .tfree_embedding import TFreeEmbeddingPass
 
 PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(), EmbeddingBagPass(), TFreeEmbeddingPass(),
-                                   DictionaryScorePass(), FP8LinearPass())
+                                   DictionaryScorePass(), FP8LinearPass(),
+                                   WindowAttentionPass(), WordPoolPass(), GuideAddPass())
 PASSES: dict[str, GraphPass] = {p.name: p for p in PIPELINE}
 
 __all__ = ["PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult", "Skip"]

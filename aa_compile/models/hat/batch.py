@@ -52,6 +52,9 @@ class ByteBatch:
     #: ``[T]`` the byte each position predicts: ``bytes[t + 1]`` within the same document,
     #: `IGNORE` at the last byte of every document
     targets: Tensor
+    #: ``[D + 1]`` byte offsets of the documents (CSR over T; `doc_byte_offsets` as a field, so
+    #: a compiled forward sees it as an input and can build the attention mask from it)
+    byte_doc_offsets: Tensor
 
     @property
     def n_bytes(self) -> int:
@@ -67,7 +70,7 @@ class ByteBatch:
 
     def doc_byte_offsets(self) -> Tensor:
         """``[D + 1]`` byte offsets of the documents."""
-        return self.word_offsets[self.doc_offsets]
+        return self.byte_doc_offsets
 
     def doc_bytes(self, d: int) -> bytes:
         """The bytes of document ``d``."""
@@ -142,7 +145,7 @@ class ByteBatch:
             same = byte_doc[1:] == byte_doc[:-1]
             targets[:-1] = torch.where(same, data[1:], IGNORE)
         return cls(data, wo, do, byte_word, byte_doc, byte_pos, word_doc, word_pos,
-                   word_bytes, word_mask, doc_words, doc_word_mask, targets)
+                   word_bytes, word_mask, doc_words, doc_word_mask, targets, wo[do])
 
 
 def _grid(offsets: Tensor, width: int) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,15 @@ from aa_compile.models.transformer import Block
 
 from .batch import IGNORE, ByteBatch
 from .config import HATConfig
-from .modules import ByteDecoder, ByteEncoder, WordPooling, rope_at, sliding_window_mask
+from .modules import (
+    ByteDecoder,
+    ByteEncoder,
+    WordPooling,
+    byte_words,
+    document_window_mask,
+    rope_at,
+    word_grid,
+)
 from .splitter import HATByteSplitter
 
 
@@ -84,13 +92,18 @@ class HATModel(nn.Module):
         if batch.n_bytes == 0:
             raise ValueError("the batch has no bytes: there is nothing to predict from")
         cfg = self.config
-        mask = sliding_window_mask(batch.byte_doc, batch.byte_pos, cfg.sliding_window)
+        # the mask, the word grid and each byte's word are computed here from the CSR offsets
+        # (equal to the batch's byte_doc/byte_pos, word_bytes/word_mask and byte_word), so that
+        # a compiled forward shows them as functions of the offsets (the aa passes prove that
+        # by evaluation before they hand the offsets to their ops)
+        mask = document_window_mask(batch.byte_doc_offsets, batch.n_bytes, cfg.sliding_window)
         cos, sin = rope_at(batch.byte_pos, cfg.encoder.head_dim, cfg.encoder.rope_theta)
         h = self.encoder(batch.bytes, cos, sin, mask)
-        words = self.pooling(h, batch.word_bytes, batch.word_mask)
+        words = self.pooling(h, *word_grid(batch.word_offsets, batch.word_bytes.shape[1]))
         pred = self.predict_words(words, batch)
         cos, sin = rope_at(batch.byte_pos, cfg.decoder.head_dim, cfg.decoder.rope_theta)
-        return self.decoder(h, pred, batch.byte_word, cos, sin, mask)
+        byte_word = byte_words(batch.word_offsets, batch.n_bytes)
+        return self.decoder(h, pred, byte_word, cos, sin, mask)
 
     def predict_words(self, words: Tensor, batch: ByteBatch) -> Tensor:
         """Backbone over each document's words, shifted right by one word: ``[W, d_bb]``.

@@ -43,6 +43,31 @@ def sliding_window_mask(byte_doc: Tensor, byte_pos: Tensor, window: int) -> Tens
     return same_doc & (distance >= 0) & (distance < window)
 
 
+def document_window_mask(byte_doc_offsets: Tensor, n_bytes: int, window: int) -> Tensor:
+    """`sliding_window_mask` of a packed stream given by its ``[D + 1]`` document byte offsets
+    (``ByteBatch.byte_doc_offsets``): each byte's document and position are derived here, in
+    the forward, so a compiler sees the mask as a function of the offsets alone."""
+    t = torch.arange(n_bytes, device=byte_doc_offsets.device)
+    byte_doc = torch.searchsorted(byte_doc_offsets[1:], t, right=True)
+    return sliding_window_mask(byte_doc, t - byte_doc_offsets[byte_doc], window)
+
+
+def byte_words(word_offsets: Tensor, n_bytes: int) -> Tensor:
+    """``ByteBatch.byte_word`` (``[T]``, the word of each byte) from ``word_offsets``, computed
+    in the forward."""
+    t = torch.arange(n_bytes, device=word_offsets.device)
+    return torch.searchsorted(word_offsets[1:], t, right=True)
+
+
+def word_grid(word_offsets: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """``ByteBatch.word_bytes`` and ``word_mask`` (``[W, width]``) from ``word_offsets``, computed
+    in the forward: word w's byte indices ``word_offsets[w] + arange(width)``, masked to its
+    length, padded with 0."""
+    cols = torch.arange(width, device=word_offsets.device)
+    mask = cols < word_offsets.diff()[:, None]
+    return torch.where(mask, word_offsets[:-1, None] + cols, 0), mask
+
+
 class MaskedAttention(Attention):
     """The reference `Attention` (same projections, GQA, RoPE) with an explicit mask."""
 
@@ -113,12 +138,13 @@ class WordPooling(nn.Module):
 
     def forward(self, h: Tensor, word_bytes: Tensor, word_mask: Tensor) -> Tensor:
         """``h [T, d_enc]``, ``word_bytes/word_mask [W, L]`` -> ``[W, d_model]``."""
-        n_words, width = word_bytes.shape
+        n_words, n_bytes = word_bytes.shape[0], h.shape[0]
         q = self.q_norm(self.q_proj(self.latent_query).view(self.n_heads, self.head_dim))
         q = q[None, :, None, :].expand(n_words, -1, -1, -1)  # [W, H, 1, hd]
-        keys = h[word_bytes]  # [W, L, d_enc]
-        k = self.k_norm(self.k_proj(keys).view(n_words, width, self.n_heads, self.head_dim))
-        v = self.v_proj(keys).view(n_words, width, self.n_heads, self.head_dim)
+        # project every byte once, then gather the padded [W, L, H, hd] grid (the same rows as
+        # projecting h[word_bytes]: the projections and the per-head norm act row by row)
+        k = self.k_norm(self.k_proj(h).view(n_bytes, self.n_heads, self.head_dim))[word_bytes]
+        v = self.v_proj(h).view(n_bytes, self.n_heads, self.head_dim)[word_bytes]
         out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=word_mask[:, None, None, :])
         return self.o_proj(out.reshape(n_words, -1))

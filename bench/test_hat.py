@@ -1,0 +1,133 @@
+"""HAT model workloads: the reference `HATModel` (byte encoder, word pooling, word backbone,
+byte decoder) forward (logits) and a training step (loss + backward) on real text.
+
+Variants: ``eager`` (the reference as is: dense ``[T, T]`` masked byte attention, padded
+``[W, H, L, hd]`` word pooling), ``inductor`` (``torch.compile``), ``aa`` (``torch.compile(
+backend="aa")``, inner compiler inductor: the HAT passes put in ``aa::window_attention`` and
+``aa::word_pool``; ``extra_info["aa_rewrites"]`` shows what fired).
+
+Input: ``aa_compile.data.text("mixed")`` cut to ``n_bytes`` through the HAT splitter (words of at
+most 100 bytes); ``extra_info`` has the corpus's bytes per word and ``items`` = bytes per step,
+so the reporter shows bytes/s. The backbone is kept small: the work that the passes change is in
+the byte stacks and the pooling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from aa_compile.data import text
+from aa_compile.models.hat import HATByteSplitter, HATConfig, HATModel
+from aa_compile.models.transformer import TransformerConfig
+from bench.harness import (
+    BASE_VARIANTS,
+    compile_variant,
+    dtype_name,
+    fresh_copy,
+    run_benchmark,
+    seed_all,
+)
+from bench.harness import variant as built_variant
+
+
+@dataclasses.dataclass(frozen=True)
+class HATCase:
+    n_bytes: int  # T (the corpus cut at a word boundary)
+    d_enc: int
+    layers: int  # encoder layers = decoder layers
+    heads: int
+    window: int
+    d_backbone: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> str:
+        return f"T{self.n_bytes} d{self.d_enc} L{self.layers} H{self.heads} w{self.window}"
+
+    @property
+    def id(self) -> str:
+        return (f"T{self.n_bytes}-d{self.d_enc}-L{self.layers}-H{self.heads}-w{self.window}-"
+                f"{dtype_name(self.dtype)}")
+
+    def config(self) -> HATConfig:
+        def stack(d):
+            return TransformerConfig(vocab_size=256, d_model=d, n_layers=self.layers,
+                                     n_heads=self.heads, n_kv_heads=max(1, self.heads // 2),
+                                     d_ff=2 * d)
+        backbone = TransformerConfig(vocab_size=1, d_model=self.d_backbone, n_layers=1,
+                                     n_heads=self.heads, d_ff=2 * self.d_backbone)
+        return HATConfig(encoder=stack(self.d_enc), backbone=backbone, decoder=stack(self.d_enc),
+                         sliding_window=self.window, pool_heads=self.heads)
+
+
+def hat_cases(quick: bool, device: str) -> list[HATCase]:
+    """Quick: 2k bytes, d 128, 2+2 byte layers, window 128 (float32). Full: 8k bytes, d 512,
+    window 512 (bfloat16 on CUDA)."""
+    if quick:
+        return [HATCase(2048, 128, 2, 4, 128, 128, torch.float32)]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return [HATCase(2048, 128, 2, 4, 128, 128, torch.float32),
+            HATCase(8192, 512, 4, 8, 512, 512, dtype)]
+
+
+CASES = hat_cases
+
+
+@pytest.fixture(scope="module")
+def base(case, settings):
+    """The model and the batch of real text, built once per case."""
+    seed_all(0)
+    model = HATModel(case.config()).to(device=settings.device, dtype=case.dtype)
+    batch = HATByteSplitter(100).encode(text("mixed", max_bytes=case.n_bytes)).to(settings.device)
+    return model, batch
+
+
+def _info(benchmark, batch) -> None:
+    benchmark.extra_info.update(items=batch.n_bytes, item_unit="bytes",
+                                bytes_per_word=round(batch.n_bytes / max(1, batch.n_words), 3),
+                                words=batch.n_words, docs=batch.n_docs,
+                                max_word_bytes=int(batch.word_bytes.shape[1]))
+
+
+def _shape(case, batch) -> str:
+    return f"{case.shape} W{batch.n_words} Lw{int(batch.word_bytes.shape[1])}"
+
+
+@pytest.mark.parametrize("variant", BASE_VARIANTS)
+def test_hat_fwd(benchmark, settings, case, base, variant, repeat):
+    model, batch = base
+    run, first = built_variant(("hat_fwd", case.id, variant),
+                               lambda: compile_variant(fresh_copy(model).eval(), variant))
+
+    def step():
+        with torch.no_grad():
+            return run(batch)
+
+    run_benchmark(benchmark, step, settings=settings, workload="hat_fwd", variant=variant,
+                  shape=_shape(case, batch), dtype=case.dtype, kind="model", first=first)
+    _info(benchmark, batch)
+
+
+def _training(model, variant):
+    model = fresh_copy(model).train()
+    return model, compile_variant(model.loss, variant)
+
+
+@pytest.mark.parametrize("variant", BASE_VARIANTS)
+def test_hat_fwd_bwd(benchmark, settings, case, base, variant, repeat):
+    model, batch = base
+    (model, loss_fn), first = built_variant(("hat_fwd_bwd", case.id, variant),
+                                            lambda: _training(model, variant))
+
+    def step():
+        loss = loss_fn(batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss
+
+    run_benchmark(benchmark, step, settings=settings, workload="hat_fwd_bwd", variant=variant,
+                  shape=_shape(case, batch), dtype=case.dtype, kind="model", first=first)
+    _info(benchmark, batch)

@@ -75,13 +75,6 @@ def trigram_bag_fwd(
     return _bag(weight.contiguous(), indices, offsets, per_sample_weights)
 
 
-_FBGEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _has_fbgemm() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
-
-
 def words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int, presorted: bool = False
                  ) -> tuple[Tensor, Tensor]:
     """The T-FREE reference embedding's input (``slots [n, m]``, ``word_of_trigram [n]`` in any
@@ -116,17 +109,15 @@ def inductor_decompositions() -> dict:
         if weight.device.type != "cpu" or not isinstance(h, int) or h == 0:
             return NotImplemented
         # ATen's kernel checks every index it reads (RuntimeError naming the bad one) and
-        # offsets[0]; fbgemm's kernels (float32/16, bfloat16) also reject decreasing offsets.
-        # What remains is checked by inductor asserts: offsets[-1] == nnz (a scalar), and for
-        # the other paths non-decreasing offsets (a loop over them). No loop for the fbgemm
-        # dtypes: on a loaded 2-core machine every parallel loop inductor generates costs
-        # milliseconds of thread wake-ups.
+        # offsets[0]. The rest is checked by inductor asserts: offsets[-1] == nnz and
+        # non-decreasing offsets. (fbgemm's kernels reject some decreasing offsets themselves,
+        # but not every pattern, as a CI run showed: the loop over the offsets stays, one
+        # cheap pass over n_bags + 1 integers.)
         nnz = indices.shape[0]
         msg = ("aa::trigram_bag: offsets must start at 0, be non-decreasing and end at nnz == "
                "indices.numel() (CSR bag boundaries)")
         torch.ops.aten._assert_async.msg(offsets[-1] == nnz, msg)
-        if not (weight.dtype in _FBGEMM_DTYPES and _has_fbgemm()):
-            torch.ops.aten._assert_async.msg((offsets[1:] >= offsets[:-1]).all(), msg)
+        torch.ops.aten._assert_async.msg((offsets[1:] >= offsets[:-1]).all(), msg)
         return _bag(weight.contiguous(), indices, offsets, per_sample_weights)
 
     return {torch.ops.aa.trigram_bag.default: fwd}

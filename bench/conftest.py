@@ -12,6 +12,13 @@ import torch._dynamo
 
 from bench.harness import Settings, seed_all
 
+# A run compiles the same module code for many variants x cases (eager/inductor/aa, forward
+# and training, several shapes); past dynamo's default recompile limit (8 per code object) it
+# would silently run the rest eagerly and the table would compare eager with eager.
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+torch._dynamo.config.accumulated_cache_size_limit = max(
+    torch._dynamo.config.accumulated_cache_size_limit, 4096)
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("aa-bench", "aa-compile benchmark harness")

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Arguments after '--' are passed to pytest unchanged.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="small shapes only: a few minutes on a 2-core CPU, compiles included")
+                        help="small shapes only (the whole set takes tens of minutes on a 2-core CPU, compiles included: pick workloads with -k)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to benchmark on (default: cuda if available, else cpu)")
     parser.add_argument("-k", dest="keyword", metavar="EXPR", default=None,

@@ -24,7 +24,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("aa-bench", "aa-compile benchmark harness")
     group.addoption(
         "--quick", action="store_true", default=False,
-        help="small shapes only (finishes in a few minutes on a 2-core CPU, compiles included)",
+        help="small shapes only (tens of minutes for every workload on a 2-core CPU; select with -k)",
     )
     group.addoption(
         "--device", choices=("cpu", "cuda"),

@@ -131,3 +131,23 @@ def test_hat_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     run_benchmark(benchmark, step, settings=settings, workload="hat_fwd_bwd", variant=variant,
                   shape=_shape(case, batch), dtype=case.dtype, kind="model", first=first)
     _info(benchmark, batch)
+
+
+def test_hat_generate(benchmark, settings, case, base):
+    """Greedy generation (``HATModel.generate_bytes``, 32 new bytes after a short prompt),
+    reported as generated words/s. The reference recomputes the whole model for every byte
+    (no KV caches yet), so this is the baseline a cached/compiled decoder has to beat."""
+    model, _ = base
+    model = fresh_copy(model).eval()
+    prompt = text("mixed", max_bytes=256)
+    n_prompt = len(model.splitter.words(prompt))
+
+    def step():
+        with torch.no_grad():
+            return model.generate_bytes(prompt, max_bytes=32)
+
+    data, words = step()  # greedy: every round generates the same bytes
+    run_benchmark(benchmark, step, settings=settings, workload="hat_generate", variant="eager",
+                  shape=f"{case.shape} +32 bytes", dtype=case.dtype, kind="task")
+    new_words = max(1, len(words) - n_prompt)
+    benchmark.extra_info.update(items=new_words, item_unit="words", new_bytes=len(data))

@@ -84,15 +84,9 @@ def _(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots=None,
 
 
 def _check_grad(grad: Tensor, weight: Tensor, trigram_offsets: Tensor) -> None:
-    op = "aa::hashed_trigram_bag_backward"
-    shape = (trigram_offsets.shape[0] - 1, weight.shape[1])
-    if grad.dim() != 2 or grad.shape[0] != shape[0] or grad.shape[1] != shape[1]:
-        raise ValueError(f"{op}: grad must have shape {tuple(shape)} [n_words, h], got "
-                         f"{tuple(grad.shape)}")
-    if grad.dtype != weight.dtype:
-        raise ValueError(f"{op}: grad must have weight's dtype {weight.dtype}, got {grad.dtype}")
-    if grad.device != weight.device:
-        raise ValueError(f"{op}: grad is on {grad.device}, but weight is on {weight.device}")
+    _trigram_bag_op.check_grad(grad, weight, trigram_offsets,
+                               op="aa::hashed_trigram_bag_backward",
+                               rows="n_words")
 
 
 @torch.library.custom_op("aa::hashed_trigram_bag_backward", mutates_args=())

@@ -117,11 +117,13 @@ def _(weight, indices, offsets, per_sample_weights=None, deterministic=True):
     return weight.new_empty(offsets.shape[0] - 1, weight.shape[1])
 
 
-def _check_grad(grad: Tensor, weight: Tensor, offsets: Tensor) -> None:
-    op = "aa::trigram_bag_backward"
+def check_grad(grad: Tensor, weight: Tensor, offsets: Tensor,
+               op: str = "aa::trigram_bag_backward", rows: str = "n_bags") -> None:
+    """The upstream gradient of a bag op: ``[len(offsets) - 1, h]``, weight's dtype and device
+    (shared with `aa::hashed_trigram_bag_backward`)."""
     shape = (offsets.shape[0] - 1, weight.shape[1])
     if grad.dim() != 2 or grad.shape[0] != shape[0] or grad.shape[1] != shape[1]:
-        raise ValueError(f"{op}: grad must have shape {tuple(shape)} [n_bags, h], got "
+        raise ValueError(f"{op}: grad must have shape {tuple(shape)} [{rows}, h], got "
                          f"{tuple(grad.shape)}")
     if grad.dtype != weight.dtype:
         raise ValueError(f"{op}: grad must have weight's dtype {weight.dtype}, got {grad.dtype}")
@@ -142,7 +144,7 @@ def trigram_bag_backward(
 ) -> tuple[Tensor, Tensor]:
     op = "aa::trigram_bag_backward"
     _check(weight, indices, offsets, per_sample_weights, values=True, op=op)
-    _check_grad(grad, weight, offsets)
+    check_grad(grad, weight, offsets)
     dw, dpsw = kernels.backward(
         grad, weight, indices, offsets, per_sample_weights, need_weight_grad, need_psw_grad,
         deterministic,
@@ -158,7 +160,7 @@ def _(grad, weight, indices, offsets, per_sample_weights, need_weight_grad, need
       deterministic=True):
     op = "aa::trigram_bag_backward"
     _check(weight, indices, offsets, per_sample_weights, values=False, op=op)
-    _check_grad(grad, weight, offsets)
+    check_grad(grad, weight, offsets)
     dw = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty(0)
     has_dpsw = need_psw_grad and per_sample_weights is not None
     dpsw = weight.new_empty(indices.shape) if has_dpsw else weight.new_empty(0)

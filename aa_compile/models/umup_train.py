@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from aa_compile.data import LANGUAGES, text
+from aa_compile.plotting import plot_loss_curve
 
 from .umup import UmupConfig, UmupTransformer, umup_param_groups
 
@@ -134,20 +135,7 @@ def train(config: UmupConfig | None = None, *, steps: int = 300, batch: int = 8,
 
 
 def plot(losses: list[float], path: str, title: str = "u-μP training loss") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / byte)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_loss_curve(losses, path, title, "cross-entropy (nats / byte)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import time
 import torch
 
 from aa_compile.data import LANGUAGES, text
+from aa_compile.plotting import plot_loss_curve
 
 from .lm import TFreeInputs, TFreeLM, TFreeLMConfig, WordStream
 from .tokenizer import TrigramTokenizer
@@ -86,20 +87,7 @@ def train(config: TFreeLMConfig | None = None, *, steps: int = 300, batch: int =
 
 
 def plot(losses: list[float], path: str, title: str = "T-FREE LM training loss") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (BCE x loss_scale)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_loss_curve(losses, path, title, "loss (BCE x loss_scale)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,12 +151,21 @@ def _fdtm(args: argparse.Namespace) -> int:
     if args.action == "plan":
         if data.get("n_prompts") != args.n_prompts or data.get("prompt_len") != args.prompt_len:
             print("note: measuring on other prompts than the sweep's", file=sys.stderr)
-        res = dtm.plan(model, data, prompts, args.tau, args.statistic, progress=True)
+        if args.budget is not None:
+            res = dtm.budget_plan(model, data, prompts, args.budget, args.statistic)
+            goal = f"budget={args.budget:.1%}"
+        else:
+            res = dtm.plan(model, data, prompts, args.tau, args.statistic, progress=True)
+            goal = f"tau={args.tau}"
         Path(args.out).write_text(json.dumps(res, indent=2))
         m = res["measured"]
         print(f"plan: {len(res['plan'])} components, {res['share_saved']:.1%} of component bytes "
-              f"saved; measured {args.statistic}={m[args.statistic]:.1f} (tau={args.tau}); "
+              f"saved; measured {args.statistic}={m[args.statistic]:.1f} ({goal}); "
               f"wrote {args.out}")
+        for row in res.get("baselines", {}).get("equal_reduction", []):
+            print(f"  equal reduction {row['share_uniform']:.1%}: uniform {row['level']} "
+                  f"{args.statistic}={row[args.statistic + '_uniform']:.1f}, FDTM plan "
+                  f"{row[args.statistic + '_plan']:.1f} ({row['share_plan']:.1%} saved)")
         return 0
     small = dtm.apply(model, data.get("plan", data))
     r = dtm.dtm(model, small, prompts, args.n_tokens).summary()
@@ -227,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--n-tokens", type=int, default=64)
     fd.add_argument("--levels", default="prune:0.25,prune:0.5,prune:0.75,prune:0.9,2:4,int8")
     fd.add_argument("--tau", type=float, default=32.0)
+    fd.add_argument("--budget", type=float, default=None, metavar="SHARE",
+                    help="plan: save at least this share of the component bytes (0-1), least "
+                    "sensitive components first, instead of the --tau constraint")
     fd.add_argument("--statistic", default="fdt_median")
     fd.add_argument("--no-reuse", action="store_true", help="recompute every run from scratch")
     fd.add_argument("--seed", type=int, default=0)

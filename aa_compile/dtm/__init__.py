@@ -15,7 +15,7 @@ from .apply import Int8Linear, apply, check_plan
 from .components import Component, Compression, find_components, parse
 from .data import byte_prompts
 from .metrics import DTMResult, divergence, dtm, generate, summarize, teacher_forced
-from .planner import greedy_plan, plan, uniform_baselines
+from .planner import budget_plan, equal_reduction, greedy_plan, plan, uniform_baselines
 from .sweep import DEFAULT_LEVELS, heatmap, sweep
 
 __all__ = [
@@ -25,10 +25,12 @@ __all__ = [
     "DTMResult",
     "Int8Linear",
     "apply",
+    "budget_plan",
     "byte_prompts",
     "check_plan",
     "divergence",
     "dtm",
+    "equal_reduction",
     "find_components",
     "generate",
     "greedy_plan",

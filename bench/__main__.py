@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed rounds per benchmark and repeat (default: per workload)")
     parser.add_argument("--repeats", type=int, default=5, metavar="N",
                         help="run each benchmark N times with the variants interleaved; the "
-                             "report merges the repeats (default: 3)")
+                             "report merges the repeats (default: 5)")
     parser.add_argument("--cold-cache", action="store_true",
                         help="compile into empty inductor/triton caches (a temporary folder), so "
                              "'compile s' measures a cold compile rather than cache hits")

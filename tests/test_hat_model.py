@@ -355,8 +355,8 @@ def test_generate_stops_at_eos(monkeypatch):
         logits[:, 192 if len(calls) == 4 else ord("a")] = 1.0
         return logits
 
-    monkeypatch.setattr(m, "forward", fake_forward)
-    assert m.generate("Hi", max_bytes=50) == "aaa"
+    monkeypatch.setattr(m, "forward", fake_forward)  # the uncached path calls forward
+    assert m.generate("Hi", max_bytes=50, use_cache=False) == "aaa"
     assert calls == [2, 3, 4, 5]
 
 

@@ -2,11 +2,13 @@
 
 `splitter` (text <-> words <-> bytes, wrapping `hat_splitter`), `batch` (packed `ByteBatch`),
 `config` (`HATConfig`), `modules` (masked byte attention, word pooling, guide vector),
-`model` (`HATModel`: forward, loss, generate) and `train` (a tiny CPU training run).
+`model` (`HATModel`: forward, loss, generate), `generate` (`HATCache`: the KV caches of cached
+generation) and `train` (a tiny CPU training run).
 """
 
 from .batch import IGNORE, ByteBatch
 from .config import BYTE_VOCAB, EOS_BYTE, NON_UTF8_BYTES, HATConfig
+from .generate import ByteWindowCache, HATCache
 from .model import HATModel
 from .modules import GuideVector, WordPooling, rope_at, sliding_window_mask
 from .splitter import DEFAULT_SPECIAL_TOKENS, HATByteSplitter
@@ -18,8 +20,10 @@ __all__ = [
     "IGNORE",
     "NON_UTF8_BYTES",
     "ByteBatch",
+    "ByteWindowCache",
     "GuideVector",
     "HATByteSplitter",
+    "HATCache",
     "HATConfig",
     "HATModel",
     "WordPooling",

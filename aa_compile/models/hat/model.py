@@ -16,6 +16,11 @@ Which byte predicts which: the logits at byte t predict byte t + 1 of the same d
 last byte of a document predicts nothing). Byte t of word w sees bytes <= t (encoder and
 decoder are causal) and words < w (through ``pred[w]``), never its own word's pooled vector, so
 the last byte of word w predicts the first byte of word w + 1 from backbone(words <= w - 1).
+
+Generation (`HATModel.generate_bytes`) is greedy, byte by byte, with words ended by the
+splitter. By default it runs on the three KV caches of `generate.HATCache`; ``use_cache=False``
+recomputes this forward for every byte instead (the reference the cached path is tested
+against).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from aa_compile.models.transformer import Block
 
 from .batch import IGNORE, ByteBatch
 from .config import HATConfig
+from .generate import HATCache
 from .modules import (
     ByteDecoder,
     ByteEncoder,
@@ -130,17 +136,24 @@ class HATModel(nn.Module):
     # -- generation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate_bytes(self, prompt: str, max_bytes: int = 256, max_words: int | None = None
-                       ) -> tuple[bytes, list[bytes]]:
+    def generate_bytes(self, prompt: str, max_bytes: int = 256, max_words: int | None = None,
+                       use_cache: bool = True) -> tuple[bytes, list[bytes]]:
         """Greedy generation; returns the new bytes and the final words (prompt included).
 
-        One byte per step: the whole model runs again on the prompt + the bytes so far (no KV
-        cache: the reference recomputes, which makes each step's logits exactly those of a
-        teacher-forced forward on the same words). The new byte is appended with the
-        splitter's rule (`HATByteSplitter.append_byte`): when ``last word + byte`` re-splits
-        into several words, the finished ones enter pooling and the backbone on the next
-        step and the new word gets its guide vector. Stops at ``eos_byte`` (not returned),
-        after ``max_bytes`` new bytes, or before the ``max_words + 1``-th new word begins.
+        One byte per step, the argmax of the next-byte logits. The new byte is appended with
+        the splitter's rule (`HATByteSplitter.append_byte`): when ``last word + byte``
+        re-splits into several words, every piece but the last is finished (it is pooled and
+        goes through the backbone, whose output becomes the next word's guide vector) and the
+        last piece is the word now being written. Stops at ``eos_byte`` (not returned), after
+        ``max_bytes`` new bytes, or before the ``max_words + 1``-th new word begins.
+
+        ``use_cache=True`` (default) decodes with the three caches of `HATCache` (byte
+        encoder, word backbone and byte decoder KV caches; the prompt is one batched prefill,
+        then each byte costs one encoder step, a backbone step when words finish, and a
+        decoder step over the bytes whose word is new; see `aa_compile.models.hat.generate`).
+        ``use_cache=False`` is the reference: the whole model runs again on the prompt + the
+        bytes so far, so each step's logits are exactly those of a teacher-forced `forward`
+        on the same words. Both give the same logits up to float rounding.
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -148,27 +161,36 @@ class HATModel(nn.Module):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not isinstance(use_cache, bool):
+            raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
         words = self.splitter.words(prompt)
         if not words:
             raise ValueError("prompt must contain at least one byte: the first byte of a "
                              "document is never predicted")
         device = self.first_word.device
+        cache = HATCache(self, words) if use_cache else None
         out, new_words = bytearray(), 0
         while len(out) < max_bytes:
-            logits = self(ByteBatch.from_words([words]).to(device))
-            byte = int(logits[-1].argmax())
+            if cache is not None:
+                logits = cache.logits()
+            else:
+                logits = self(ByteBatch.from_words([words]).to(device))[-1]
+            byte = int(logits.argmax())
             if byte == self.config.eos_byte:
                 break
             pieces = self.splitter.append_byte(words[-1], byte)
             if max_words is not None and new_words + len(pieces) - 1 > max_words:
                 break
             new_words += len(pieces) - 1
+            if cache is not None:
+                cache.append_byte(byte, pieces)
             words[-1:] = pieces
             out.append(byte)
         return bytes(out), words
 
-    def generate(self, prompt: str, max_bytes: int = 256, max_words: int | None = None) -> str:
+    def generate(self, prompt: str, max_bytes: int = 256, max_words: int | None = None,
+                 use_cache: bool = True) -> str:
         """The text greedily generated after ``prompt`` (see `generate_bytes`), decoded with
         `HATByteSplitter.decode` (invalid UTF-8 becomes U+FFFD)."""
-        data, _ = self.generate_bytes(prompt, max_bytes, max_words)
+        data, _ = self.generate_bytes(prompt, max_bytes, max_words, use_cache)
         return self.splitter.decode(data)

@@ -10,6 +10,11 @@ the attention out- and FFN down-projections and the LM head (the default ``fp8_k
 `aa::fp8_linear` with static scale 1. The
 requirement: the FP8 run's final loss (mean of the last 10% of steps) within 2% relative of
 the FP32 run's. Exits 1 when the gap exceeds ``--tolerance``.
+
+One pair is a noisy measurement at this size: the two runs see the same batches but their
+trajectories drift apart, and single-seed gaps of about 2% occur in **both** directions (FP8
+better by 2.24% at seed 3). ``--seeds 0,1,2,3`` runs one pair per seed and judges the gap
+between the mean final losses over the seeds (each seed's signed gap is printed too).
 """
 
 from __future__ import annotations
@@ -41,11 +46,6 @@ def run_pair(steps: int = 300, *, batch: int = 8, seq: int = 128, width: int = 1
     return results[0], results[1]
 
 
-def relative_gap(fp32: TrainResult, fp8: TrainResult) -> float:
-    """``|final_fp8 - final_fp32| / final_fp32`` (final: mean of the last 10% of steps)."""
-    return abs(fp8.final_loss - fp32.final_loss) / fp32.final_loss
-
-
 def plot(fp32: TrainResult, fp8: TrainResult, path: str, label: str) -> None:
     import matplotlib
 
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="comma-separated seeds (overrides --seed): one pair each, judged on the "
+                   "mean final losses")
     p.add_argument("--inner", choices=("eager", "aot_eager", "inductor"), default="aot_eager")
     p.add_argument("--fp8", choices=("static", "tensorwise", "rowwise"), default="static")
     p.add_argument("--tolerance", type=float, default=0.02, help="max relative final-loss gap")
@@ -83,24 +86,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    seeds = [args.seed] if args.seeds is None else [int(x) for x in args.seeds.split(",")]
     start = time.perf_counter()
-    fp32, fp8 = run_pair(args.steps, batch=args.batch, seq=args.seq, width=args.width,
-                         depth=args.depth, lr=args.lr, seed=args.seed, inner=args.inner,
-                         fp8=args.fp8, progress=True)
-    total = time.perf_counter() - start
-    gap = relative_gap(fp32, fp8)
     k = max(1, args.steps // 10)
     print(f"u-μP d={args.width} L={args.depth}, {args.steps} steps of {args.batch}x{args.seq} "
-          f"bytes, inner compiler {args.inner}")
-    print(f"fp32          : final loss {fp32.final_loss:.4f} (mean of last {k} steps), "
-          f"held-out {fp32.eval_loss:.4f}, {fp32.seconds:.1f} s")
-    print(f"fp8 ({args.fp8:<10}): final loss {fp8.final_loss:.4f} (mean of last {k} steps), "
-          f"held-out {fp8.eval_loss:.4f}, {fp8.seconds:.1f} s")
-    print(f"relative gap {gap * 100:.2f}% (tolerance {args.tolerance * 100:.1f}%); "
-          f"uniform {math.log(256):.3f}; total {total:.1f} s")
+          f"bytes, inner compiler {args.inner}; final loss = mean of the last {k} steps")
+    finals = {"fp32": [], "fp8": []}
+    for seed in seeds:
+        fp32, fp8 = run_pair(args.steps, batch=args.batch, seq=args.seq, width=args.width,
+                             depth=args.depth, lr=args.lr, seed=seed, inner=args.inner,
+                             fp8=args.fp8, progress=True)
+        finals["fp32"].append(fp32.final_loss)
+        finals["fp8"].append(fp8.final_loss)
+        signed = (fp8.final_loss - fp32.final_loss) / fp32.final_loss
+        print(f"seed {seed}: fp32 final {fp32.final_loss:.4f} held-out {fp32.eval_loss:.4f} "
+              f"({fp32.seconds:.0f} s); fp8 ({args.fp8}) final {fp8.final_loss:.4f} held-out "
+              f"{fp8.eval_loss:.4f} ({fp8.seconds:.0f} s); fp8 - fp32 {signed * 100:+.2f}%")
+    total = time.perf_counter() - start
+    mean32 = sum(finals["fp32"]) / len(seeds)
+    mean8 = sum(finals["fp8"]) / len(seeds)
+    gap = abs(mean8 - mean32) / mean32
+    print(f"mean over {len(seeds)} seed(s): fp32 {mean32:.4f}, fp8 {mean8:.4f}; relative gap "
+          f"{gap * 100:.2f}% (tolerance {args.tolerance * 100:.1f}%); uniform "
+          f"{math.log(256):.3f}; total {total:.1f} s")
     if args.plot:
         plot(fp32, fp8, args.plot, f"fp8 ({args.fp8})")
-        print(f"loss curves: {args.plot}")
+        print(f"loss curves (seed {seeds[-1]}): {args.plot}")
     ok = gap <= args.tolerance
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

@@ -1,15 +1,21 @@
-"""aa::int8_linear: against the float64 dequantised reference, opcheck, autograd, bad input."""
+"""aa::int8_linear: against the float64 dequantised reference, opcheck, autograd, bad input; the
+CPU path's two kernels (the AVX2 C kernel for small M, blocked dequantise + GEMM) directly and
+through the op, and which of them the op takes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from aa_compile.kernels.int8_linear import cpu as CPU
+from aa_compile.kernels.int8_linear import cpu_avx2
 from aa_compile.kernels.int8_linear import reference as R
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aa_compile.ops  # noqa: F401
 from aa_compile.ops import OPS
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _case(lead, k, n, dtype=torch.float32, bias=True, seed=0):
@@ -20,27 +26,132 @@ def _case(lead, k, n, dtype=torch.float32, bias=True, seed=0):
     return x, q, s, b
 
 
-@settings(max_examples=20)
-@given(lead=st.lists(st.integers(0, 5), min_size=1, max_size=2), k=st.integers(1, 70),
-       n=st.integers(0, 40), bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_matches_float64_reference(lead, k, n, bias, seed):
-    x, q, s, b = _case(lead, k, n, bias=bias, seed=seed)
-    out = torch.ops.aa.int8_linear(x, q, s, b)
+def _check_close(out, x, q, s, b):
+    """``out`` (any float dtype) against the float64 reference: within 4x the error of float32
+    ``F.linear`` on the dequantised weight (+1e-5), plus rounding to ``out.dtype``; float64
+    output to 1e-12 (relative)."""
     ref = R.int8_linear(x.double(), q, s, b)
-    eager = torch.nn.functional.linear(x, R.dequantize(q, s, torch.float32), b)
+    assert out.shape == ref.shape
+    if not ref.numel():
+        return
+    err = (out.double() - ref).abs()
+    if out.dtype == torch.float64:
+        assert (err <= 1e-12 * (1 + ref.abs())).all()
+        return
+    b32 = None if b is None else b.float()
+    eager = torch.nn.functional.linear(x.float(), R.dequantize(q, s, torch.float32), b32)
+    tol = 4 * (eager.double() - ref).abs().max().item() + 1e-5
+    ulp = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[out.dtype]
+    assert (err <= tol + ulp * ref.abs()).all(), (err.max().item(), tol)
+
+
+def _native():
+    if not cpu_avx2.available():
+        pytest.skip("the AVX2 CPU kernel is not available on this machine")
+
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.lists(st.integers(0, 9), min_size=1, max_size=2), k=st.integers(1, 70),
+       n=st.integers(0, 40), bias=st.booleans(), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_matches_float64_reference(lead, k, n, bias, dtype, seed):
+    x, q, s, b = _case(lead, k, n, dtype=dtype, bias=bias, seed=seed)
+    out = torch.ops.aa.int8_linear(x, q, s, b)
     assert out.shape == (*lead, n) and out.dtype == x.dtype
-    tol = (eager.double() - ref).abs().max().item() if ref.numel() else 0.0
-    assert (out.double() - ref).abs().max().item() <= 4 * tol + 1e-5 if ref.numel() else True
+    _check_close(out, x, q, s, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 9), k=st.integers(1, 100), n=st.integers(0, 13), bias=st.booleans(),
+       dtype=st.sampled_from((torch.float16, torch.bfloat16, torch.float32)),
+       x_stride=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_native_kernel_matches_reference(m, k, n, bias, dtype, x_stride, seed):
+    """The AVX2 kernel itself: every M block (1-3 rows, 4 at a time), N % 4 tail rows, K tails
+    below its 16- and 8-wide steps, and x rows further apart than K (a strided view)."""
+    _native()
+    x, q, s, b = _case((m,), k, n, dtype=dtype, bias=bias, seed=seed)
+    if x_stride:  # the same values, rows x_stride elements further apart
+        x = torch.cat([x, torch.randn(m, x_stride).to(dtype)], 1)[:, :k]
+    out = cpu_avx2.int8_linear(x, q, s, b)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    _check_close(out, x, q, s, b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(0, 9), k=st.integers(0, 40), n=st.integers(0, 13), bias=st.booleans(),
+       dtype=st.sampled_from(DTYPES), block_rows=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_blocked_matches_reference(m, k, n, bias, dtype, block_rows, seed):
+    """The dequantise + GEMM path with blocks smaller than N (and a partial last block)."""
+    x, q, s, b = _case((m,), k, n, dtype=dtype, bias=bias, seed=seed)
+    out = CPU.blocked_linear(x, q, s, b, block_rows=block_rows)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _check_close(out, x, q, s, b)
+
+
+def test_native_kernel_builds_on_avx2():
+    """Where the CPU has AVX2/FMA and a C compiler exists, the kernel must build and load (else
+    the op silently runs the slower fallback)."""
+    if not cpu_avx2.supported_cpu() or cpu_avx2.compiler() is None:
+        pytest.skip("no AVX2/FMA or no C compiler here")
+    assert cpu_avx2.available()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, CPU.SMALL_M, CPU.SMALL_M + 1])
+def test_op_routes(monkeypatch, dtype, m):
+    """The op takes the native kernel for M <= SMALL_M (half and float32 input), blocked
+    dequantise + GEMM otherwise and for float64; and matches the reference either way."""
+    calls = []
+    for mod, name in ((cpu_avx2, "int8_linear"), (CPU, "blocked_linear")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n)
+                            or _fn(*a, **kw))
+    x, q, s, b = _case((m,), 37, 11, dtype=dtype)
+    out = torch.ops.aa.int8_linear(x, q, s, b)
+    native = m <= CPU.SMALL_M and dtype != torch.float64 and cpu_avx2.available()
+    assert calls == ["int8_linear" if native else "blocked_linear"]
+    _check_close(out, x, q, s, b)
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_native_kernel_thread_count_invariant(monkeypatch, m):
+    """Each output is summed by one thread in a fixed order: 1, 2 and 3 threads (the caller plus
+    pool helpers claiming chunks) agree bitwise, over many calls (the pool is reused)."""
+    _native()
+    monkeypatch.setattr(cpu_avx2, "PARALLEL_GRAIN", 1)  # the pool for any size
+    threads = torch.get_num_threads()
+    try:
+        for seed, n in enumerate((601, 64 * 4 + 3, 4096)):
+            x, q, s, b = _case((m,), 77, n, seed=seed)
+            outs = []
+            for t in (1, 2, 3, 2):
+                torch.set_num_threads(t)
+                outs.append(cpu_avx2.int8_linear(x, q, s, b))
+            assert all(torch.equal(outs[0], o) for o in outs[1:])
+            _check_close(outs[0], x, q, s, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [((0,), 8, 5), ((2, 0), 8, 5), ((3,), 8, 0), ((3,), 0, 5)])
+def test_empty(dtype, shape):
+    lead, k, n = shape
+    x, q, s, b = _case(lead, k, n, dtype=dtype)
+    out = torch.ops.aa.int8_linear(x, q, s, b)
+    assert out.shape == (*lead, n) and out.dtype == dtype
+    torch.testing.assert_close(out, b.expand(*lead, n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_dtypes(dtype):
     x, q, s, b = _case((3,), 33, 9, dtype=dtype)
     out = torch.ops.aa.int8_linear(x, q, s, b)
     ref = R.int8_linear(x.double(), q, s, b)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), ref, rtol=2e-2 if dtype == torch.bfloat16 else 1e-12,
-                               atol=5e-2 if dtype == torch.bfloat16 else 1e-12)
+    rtol, atol = {torch.float16: (2e-3, 5e-3), torch.bfloat16: (2e-2, 5e-2),
+                  torch.float64: (1e-12, 1e-12)}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
 
 
 def test_opcheck():

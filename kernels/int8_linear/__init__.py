@@ -2,7 +2,8 @@
 
 - ``reference.py``: float64 matmul with the dequantised weight (the numerics spec) and the
   per-output-channel absmax quantiser;
-- ``cpu.py``: ATen's ``_weight_int8pack_mm`` (oneDNN/vectorised int8 weight-only GEMM);
+- ``cpu.py``: the CPU path: ``cpu_avx2.py`` (an AVX2 C kernel reading the int8 weight directly,
+  built on first use) for decode-sized ``M``, blocked dequantise + GEMM otherwise;
 - ``triton_kernel.py``: CUDA, one Triton GEMM with int8 weight tiles converted in registers.
 
 `forward` picks the implementation for the tensor's device.
@@ -14,7 +15,7 @@ import torch
 from aa_compile.kernels import triton_module
 from torch import Tensor
 
-from . import cpu, reference
+from . import cpu, cpu_avx2, reference
 
 
 def _triton():
@@ -34,4 +35,4 @@ def forward(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> T
     return reference.int8_linear(x, w_int8, scales, bias)
 
 
-__all__ = ["cpu", "forward", "reference"]
+__all__ = ["cpu", "cpu_avx2", "forward", "reference"]

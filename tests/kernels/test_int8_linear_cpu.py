@@ -1,4 +1,5 @@
-"""CPU path of aa::int8_linear (aten._weight_int8pack_mm or its fallback) vs the reference."""
+"""CPU path of aa::int8_linear (the AVX2 kernel up to SMALL_M rows, blocked dequantise + GEMM
+beyond) vs the reference."""
 
 from __future__ import annotations
 
@@ -8,11 +9,8 @@ from aa_compile.kernels.int8_linear import cpu
 from aa_compile.kernels.int8_linear import reference as R
 
 
-def test_has_int8pack():
-    assert cpu.HAS_INT8PACK  # torch >= 2.4 ships it; the fallback covers others
-
-
-@pytest.mark.parametrize("m, k, n", [(1, 64, 48), (3, 5, 7), (17, 127, 33), (1, 1, 1)])
+@pytest.mark.parametrize("m, k, n", [(1, 64, 48), (3, 5, 7), (17, 127, 33), (1, 1, 1),
+                                     (cpu.SMALL_M + 1, 37, 9)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_reference(m, k, n, bias):
     g = torch.Generator().manual_seed(m * 1000 + k)

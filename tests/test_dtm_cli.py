@@ -18,9 +18,10 @@ def test_fdtm_cli(tmp_path):
     assert main(["fdtm", "plan", *common, "--input", str(tmp_path / "s" / "sweep.json"),
                  "--tau", "3", "--out", str(tmp_path / "plan.json")]) == 0
     assert "plan" in json.loads((tmp_path / "plan.json").read_text())
-    assert main(["fdtm", "plan", *common, "--input", str(tmp_path / "s" / "sweep.json"),
-                 "--budget", "0.3", "--out", str(tmp_path / "budget.json")]) == 0
-    assert json.loads((tmp_path / "budget.json").read_text())["share_saved"] >= 0.3
+    assert main(["fdtm", "plan", *common, "--budget", "0.3",
+                 "--out", str(tmp_path / "budget.json")]) == 0
+    budget = json.loads((tmp_path / "budget.json").read_text())
+    assert budget["share_saved"] >= 0.3 and "fdt_median" in budget["uniform"]
     assert main(["fdtm", "apply", *common, "--input", str(tmp_path / "plan.json"),
                  "--out", str(tmp_path / "m.pt")]) == 0
     assert main(["fdtm", "plan", *common]) == 2  # no --input: a clear error, exit code 2

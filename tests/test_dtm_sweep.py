@@ -65,66 +65,73 @@ def test_heatmap_and_plan(setup, tmp_path):
     assert r.summary()["fdt_median"] == out["measured"]["fdt_median"]
 
 
-def _synthetic_sweep(model, stats: dict, levels=("prune:0.5",), n_tokens=8):
-    """A sweep dict with chosen single-component statistics (``stats[name] -> fdt_median``)."""
-    comps = dtm.find_components(model)
-    results = {}
-    for name, comp in comps.items():
-        results[name] = {}
-        for lv in levels:
-            results[name][lv] = {"fdt_median": stats.get(name, 0.0),
-                                 "bytes_saved": dtm.parse(lv).bytes_saved(comp)}
-    return {"n_tokens": n_tokens, "levels": list(levels), "results": results}
+
+def test_budget_plan_reaches_share_and_measures_applied_plan(setup):
+    m, prompts = setup
+    steps = (0.25, 0.5, 0.75)
+    for share in (0.1, 0.4):
+        out = dtm.budget_plan(m, prompts, 8, share, steps=steps, fraction=0.3)
+        assert out["share_saved"] >= share
+        assert set(out["plan"].values()) <= {f"prune:{s}" for s in steps}
+        ref = dtm.generate(m, prompts, 8)
+        direct = dtm.dtm(m, dtm.apply(m, out["plan"]), prompts, 8, reference=ref).summary()
+        assert out["measured"]["fdt_mean"] == direct["fdt_mean"]
+    # fraction 1 moves every component each round: one step everywhere is uniform pruning
+    out = dtm.budget_plan(m, prompts, 8, 0.5, steps=(0.5,), fraction=1.0)
+    assert out["plan"] == {c: "prune:0.5" for c in dtm.find_components(m)}
+    assert out["rounds"] == 1
 
 
-def test_budget_plan_takes_least_sensitive_components_first(setup):
+@pytest.mark.parametrize("rank", ["result", "per_byte"])
+def test_budget_plan_first_move_is_the_least_harmful(setup, rank):
+    """One move of one component: it must be the one whose pruning alone (measured here from
+    scratch, without the planner's resumed passes) keeps the highest mean FDT (``result``) or
+    loses the least mean FDT per byte saved (``per_byte``)."""
     m, prompts = setup
     comps = dtm.find_components(m)
-    names = sorted(comps, key=lambda n: comps[n].numel)
-    # every component but the largest is "sensitive" (statistic 0); the largest is robust
-    robust = names[-1]
-    s = _synthetic_sweep(m, {robust: 8.0})
-    total = sum(c.numel for c in comps.values()) * 4
-    share = 0.5 * comps[robust].numel * 4 / total  # exactly what pruning it by half saves
-    out = dtm.budget_plan(m, s, prompts, share)
-    assert out["plan"] == {robust: "prune:0.5"}
-    assert out["share_saved"] == pytest.approx(share)
-    # the measured statistic is that of the applied plan, measured independently here
     ref = dtm.generate(m, prompts, 8)
-    direct = dtm.dtm(m, dtm.apply(m, out["plan"]), prompts, 8, reference=ref).summary()
-    assert out["measured"]["fdt_median"] == direct["fdt_median"]
-
-
-def test_budget_plan_reaches_share_and_upgrades_levels(setup):
-    m, prompts = setup
-    s = dtm.sweep(m, prompts, 8, ("prune:0.25", "prune:0.5", "prune:0.9"), progress=False)
-    for share in (0.1, 0.4, 0.8):
-        out = dtm.budget_plan(m, s, prompts, share)
-        assert out["share_saved"] >= share - 1e-12
-        assert len(set(out["plan"])) == len(out["plan"])  # one level per component
+    base = dtm.dtm(m, m, prompts, 8, reference=ref).summary()["fdt_mean"]
+    keys = {}
+    for name, comp in comps.items():
+        one = dtm.apply(m, {name: "prune:0.25"})
+        fdt_mean = dtm.dtm(m, one, prompts, 8, reference=ref).summary()["fdt_mean"]
+        saved = dtm.parse("prune:0.25").bytes_saved(comp)
+        keys[name] = -fdt_mean if rank == "result" else (base - fdt_mean) / saved
+    smallest = min(c.numel for c in comps.values()) * 4
+    total = sum(c.numel for c in comps.values()) * 4
+    out = dtm.budget_plan(m, prompts, 8, 0.25 * smallest / total / 2, steps=(0.25,),
+                          fraction=1e-9, rank=rank)
+    assert len(out["plan"]) == 1
+    chosen = next(iter(out["plan"]))
+    assert keys[chosen] == pytest.approx(min(keys.values())), (chosen, keys)
+    assert len(set(keys.values())) > 1  # the choice was not a tie of everything
 
 
 def test_budget_plan_bad_inputs(setup):
     m, prompts = setup
-    s = _synthetic_sweep(m, {})
     for bad in (0, -0.1, 1.5, True, "half"):
         with pytest.raises(ValueError, match="share"):
-            dtm.budget_plan(m, s, prompts, bad)
-    with pytest.raises(ValueError, match="save at most"):
-        dtm.budget_plan(m, s, prompts, 0.9)  # prune:0.5 everywhere saves only half
+            dtm.budget_plan(m, prompts, 8, bad)
+    with pytest.raises(ValueError, match="top step"):
+        dtm.budget_plan(m, prompts, 8, 0.6, steps=(0.25, 0.5))
+    for steps in ((), (0.5, 0.25), (0.0, 0.5), (0.5, 1.0)):
+        with pytest.raises(ValueError, match="steps"):
+            dtm.budget_plan(m, prompts, 8, 0.1, steps=steps)
     with pytest.raises(ValueError, match="statistic"):
-        dtm.budget_plan(m, s, prompts, 0.1, statistic="nope")
+        dtm.budget_plan(m, prompts, 8, 0.1, statistic="nope")
+    with pytest.raises(ValueError, match="fraction"):
+        dtm.budget_plan(m, prompts, 8, 0.1, fraction=0)
+    with pytest.raises(ValueError, match="rank"):
+        dtm.budget_plan(m, prompts, 8, 0.1, rank="best")
+    with pytest.raises(ValueError, match="n_tokens"):
+        dtm.budget_plan(m, prompts, 0, 0.1)
 
 
 def test_equal_reduction_rows(setup):
     m, prompts = setup
-    s = dtm.sweep(m, prompts, 8, ("prune:0.5", "prune:0.9", "int8"), progress=False)
-    rows = dtm.equal_reduction(m, s, prompts)
-    assert [r["level"] for r in rows] == ["prune:0.5", "prune:0.9"]
-    for r in rows:
-        assert r["share_plan"] >= r["share_uniform"] - 1e-12
-        assert set(r["plan_levels"]) <= {"prune:0.5", "prune:0.9"}
+    rows = dtm.equal_reduction(m, prompts, 8, shares=(0.5,), steps=(0.25, 0.5, 0.75))
+    (row,) = rows
+    assert row["share_plan"] >= row["share_uniform"] > 0.49
     ref = dtm.generate(m, prompts, 8)
-    uni = dtm.apply(m, {c: "prune:0.9" for c in dtm.find_components(m)})
-    assert rows[1]["fdt_median_uniform"] == dtm.dtm(m, uni, prompts, 8,
-                                                    reference=ref).summary()["fdt_median"]
+    uni = dtm.apply(m, {c: "prune:0.5" for c in dtm.find_components(m)})
+    assert row["uniform"] == dtm.dtm(m, uni, prompts, 8, reference=ref).summary()

@@ -6,6 +6,7 @@ with activation reuse, a planner that picks pruning / int8 per component, and `a
     result = dtm.dtm(model, compressed, prompts, 64, reference=ref)   # .fdt, .sdt, .summary()
     s = dtm.sweep(model, prompts, 64)                                 # per component × level
     p = dtm.plan(model, s, prompts, tau=32)                          # greedy plan + baselines
+    b = dtm.budget_plan(model, prompts, 64, share=0.5)               # FDTM rounds, fixed budget
     small = dtm.apply(model, p["plan"])                               # Int8Linear + pruned weights
 
 Definitions: ``docs/dtm.md`` and `aa_compile.dtm.metrics`.
@@ -15,7 +16,8 @@ from .apply import Int8Linear, apply, check_plan
 from .components import Component, Compression, find_components, parse
 from .data import byte_prompts
 from .metrics import DTMResult, divergence, dtm, generate, summarize, teacher_forced
-from .planner import budget_plan, equal_reduction, greedy_plan, plan, uniform_baselines
+from .planner import greedy_plan, plan, uniform_baselines
+from .rounds import budget_plan, equal_reduction
 from .sweep import DEFAULT_LEVELS, heatmap, sweep
 
 __all__ = [

@@ -12,11 +12,7 @@ The final plan is applied for real (`apply`, with `Int8Linear`) and measured aga
 Baselines: **uniform** (every component at the same level, for each level) and the same greedy
 with ``order="nll"``.
 
-**Equal reduction** (`budget_plan`): the paper's comparison. Instead of an FDT constraint, a
-fixed share of the component bytes must be saved; the least sensitive (component, level) pairs
-are taken first until it is. `equal_reduction` runs it at the share each uniform pruning level
-saves (only pruning levels allowed, so both spend the same unstructured sparsity) and reports
-both models' measured statistic side by side.
+At a fixed parameter budget instead of an FDT constraint: `aa_compile.dtm.rounds`.
 """
 
 from __future__ import annotations
@@ -129,93 +125,8 @@ def plan(model: nn.Module, sweep_result: dict, prompts: Tensor, tau: float,
             "nll_order": {k: v for k, v in nll.items() if k != "plan"},
             "uniform": uniform_baselines(model, sweep_result["levels"], prompts,
                                          sweep_result["n_tokens"], tau, reference),
-            "equal_reduction": equal_reduction(model, sweep_result, prompts, statistic,
-                                               reference),
         }
     return out
-
-
-def _pairs(sweep_result: dict, statistic: str, levels=None) -> list:
-    """(component, level, bytes saved) by single-component ``statistic`` (high first), then
-    bytes saved (high first), then name: the least sensitive, most saving pairs first."""
-    allowed = None if levels is None else {parse(lv).spec for lv in levels}
-    pairs = []
-    for name, by_level in sweep_result["results"].items():
-        for lv, e in by_level.items():
-            if e["bytes_saved"] > 0 and (allowed is None or lv in allowed):
-                pairs.append(((-e[statistic], -e["bytes_saved"], name, lv), name, lv,
-                              e["bytes_saved"]))
-    pairs.sort(key=lambda t: t[0])
-    return [p[1:] for p in pairs]
-
-
-@torch.no_grad()
-def budget_plan(model: nn.Module, sweep_result: dict, prompts: Tensor, share: float,
-                statistic: str = "fdt_median", levels=None,
-                reference: Tensor | None = None) -> dict:
-    """A plan saving at least ``share`` of the component weight bytes, picked by sensitivity.
-
-    Pairs are taken in `_pairs` order (each upgrading its component only if it saves more than
-    the component's current choice) until the plan saves ``share``; ``levels`` restricts the
-    levels it may use (e.g. pruning only). The applied plan is then measured. Raises
-    ``ValueError`` when the sweep's levels cannot save that much.
-    """
-    if statistic not in STATISTICS:
-        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise ValueError(f"share must be a fraction in (0, 1], got {share!r}")
-    comps = find_components(model)
-    missing = [c for c in sweep_result["results"] if c not in comps]
-    if missing:
-        raise ValueError(f"sweep names components the model does not have: {missing[:5]}")
-    elt = next(model.parameters()).element_size()
-    target = share * sum(c.numel for c in comps.values()) * elt
-    plan: dict[str, str] = {}
-    saved: dict[str, float] = {}
-    for name, lv, b in _pairs(sweep_result, statistic, levels):
-        if sum(saved.values()) >= target:
-            break
-        if b > saved.get(name, 0.0):
-            plan[name], saved[name] = lv, b
-    if sum(saved.values()) < target:
-        raise ValueError(f"the sweep's levels {levels or sweep_result['levels']} save at most "
-                         f"{sum(saved.values()) / (target / share):.1%} of the component bytes, "
-                         f"less than share={share:.1%}")
-    n = sweep_result["n_tokens"]
-    if reference is None:
-        reference = generate(model, prompts, n)
-    measured = _measure(apply(model, plan), prompts, n, reference, statistic, None)
-    return _report(model, plan, measured, sweep_result, order="budget", target_share=share,
-                   statistic=statistic)
-
-
-@torch.no_grad()
-def equal_reduction(model: nn.Module, sweep_result: dict, prompts: Tensor,
-                    statistic: str = "fdt_median", reference: Tensor | None = None) -> list:
-    """For each pruning level ``prune:S`` of the sweep: uniform ``prune:S`` everywhere vs the
-    `budget_plan` (pruning levels only) saving at least as much. One row per level with both
-    measured statistics, the shares saved and the plan's level counts."""
-    n = sweep_result["n_tokens"]
-    if reference is None:
-        reference = generate(model, prompts, n)
-    comps = find_components(model)
-    prune_levels = [lv for lv in sweep_result["levels"] if parse(lv).kind == "prune"]
-    rows = []
-    for lv in prune_levels:
-        uniform = _report(model, {c: lv for c in comps},
-                          _measure(apply(model, {c: lv for c in comps}), prompts, n, reference,
-                                   statistic, None), sweep_result)
-        planned = budget_plan(model, sweep_result, prompts, uniform["share_saved"], statistic,
-                              prune_levels, reference)
-        rows.append({"level": lv, "share_uniform": uniform["share_saved"],
-                     "share_plan": planned["share_saved"],
-                     f"{statistic}_uniform": uniform["measured"][statistic],
-                     f"{statistic}_plan": planned["measured"][statistic],
-                     "fdt_mean_uniform": uniform["measured"]["fdt_mean"],
-                     "fdt_mean_plan": planned["measured"]["fdt_mean"],
-                     "plan_levels": planned["level_counts"],
-                     "plan_components": len(planned["plan"])})
-    return rows
 
 
 def set_compressed(model: nn.Module, name: str, level: str) -> None:

@@ -1,0 +1,203 @@
+"""FDTM-guided pruning in rounds at a fixed parameter budget (the paper's procedure, without
+healing): every round measures, **on the model as compressed so far**, each component moved one
+sparsity step further (alone), ranks those moves by the resulting FDT statistic, and takes the
+least harmful share of them; rounds repeat until the requested share of the component weight
+bytes is pruned.
+
+Measuring in the current context (rather than once from the base model, as the sweep does)
+is what lets the plan account for how compressions add up: a plan ranked only by the base
+sweep piles high sparsity onto the components that look robust alone and ends up worse than
+uniform pruning. Even so, on the small trained reference model uniform pruning keeps the
+higher median FDT at 25% and 50% sparsity; the rounds win at 75% (``docs/dtm.md``).
+
+Each round caches the current model's layer inputs once and resumes every measurement at the
+moved component's layer (`aa_compile.dtm.sweep`'s reuse; the reference transformer only, any
+other model recomputes the whole pass).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .components import find_components, magnitude_prune, set_weight_oi, weight_oi
+from .metrics import check_prompts, divergence, dtm, generate, logits_of, summarize
+from .sweep import _part, _preds_nll, _Resumable, supports_reuse
+
+DEFAULT_STEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+RANK_STATISTICS = ("fdt_mean", "fdt_median", "fdt_p10", "fdt_p25", "fdt_min")
+
+
+class _Context:
+    """FDT summaries of one-component changes to ``model`` with its current weights."""
+
+    def __init__(self, model: nn.Module, reference: Tensor, prompt_len: int, n_tokens: int,
+                 batch_size: int) -> None:
+        self.model, self.p, self.n = model, prompt_len, n_tokens
+        self.chunks = list(reference.split(batch_size))
+        self.reference = reference
+        self.runner = _Resumable(model) if supports_reuse(model) else None
+        self.states = ([self.runner.states(c[:, :-1]) for c in self.chunks]
+                       if self.runner is not None else None)
+
+    def measure(self, comp=None) -> dict:
+        """Summary (+ mean ``nll`` of the base continuation) with the model's current weights,
+        resumed at ``comp``'s layer (``None``: the whole pass)."""
+        preds, nlls = [], []
+        for k, chunk in enumerate(self.chunks):
+            if self.runner is not None:
+                layer, part = (0, "attn") if comp is None else (comp.layer, _part(comp))
+                logits = self.runner.resume(self.states[k], layer, part)
+            else:
+                logits = logits_of(self.model, chunk[:, :-1])
+            pr, nl = _preds_nll(logits, chunk, self.p)
+            preds.append(pr)
+            nlls.append(nl)
+        fdt, sdt = divergence(self.reference[:, self.p:], torch.cat(preds))
+        out = summarize(fdt, sdt, self.n)
+        out["nll"] = torch.cat(nlls).mean().item()
+        return out
+
+
+def _check_steps(steps) -> tuple[float, ...]:
+    steps = tuple(steps)
+    if not steps or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1
+                        for s in steps):
+        raise ValueError(f"steps must be sparsities in (0, 1), got {steps!r}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"steps must increase, got {steps!r}")
+    return steps
+
+
+@torch.no_grad()
+def budget_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float,
+                steps=DEFAULT_STEPS, statistic: str = "fdt_mean", fraction: float = 0.2,
+                rank: str = "result", reference: Tensor | None = None,
+                batch_size: int = 64, progress: bool = False) -> dict:
+    """Per-component pruning levels saving at least ``share`` of the component weight bytes.
+
+    ``steps``: the sparsity ladder each component climbs one step at a time. Each round moves
+    the ``fraction`` of still-movable components whose move hurts ``statistic`` least:
+    ``rank="result"`` (default) by the statistic after the move (ties: higher mean FDT, lower
+    mean cross-entropy of the base continuation), ``rank="per_byte"`` by the drop of
+    ``statistic`` per byte the move saves (ties: the rise in cross-entropy per byte; measured
+    worse on the trained reference model, see ``docs/dtm.md``). It stops as
+    soon as the budget is met. Returns the plan (``{component: "prune:S"}``), bytes and share saved,
+    the final model's measured summary (applied for real) and the number of rounds and
+    measurements. Raises ``ValueError`` for a share the ladder cannot reach.
+    """
+    from .apply import apply
+    from .components import parse
+
+    check_prompts(prompts, n_tokens)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"share must be a fraction in (0, 1], got {share!r}")
+    if statistic not in RANK_STATISTICS:
+        raise ValueError(f"statistic must be one of {RANK_STATISTICS}, got {statistic!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or \
+            not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if rank not in ("per_byte", "result"):
+        raise ValueError(f"rank must be 'per_byte' or 'result', got {rank!r}")
+    steps = _check_steps(steps)
+    if share > steps[-1]:
+        raise ValueError(f"share={share:.1%} is more than the top step prunes ({steps[-1]:.0%})")
+    model.eval()
+    comps = find_components(model)
+    elt = next(model.parameters()).element_size()
+    total = sum(c.numel for c in comps.values()) * elt
+    if reference is None:
+        reference = generate(model, prompts, n_tokens, batch_size)
+    work = copy.deepcopy(model).eval()
+    originals = {n: weight_oi(work.get_submodule(n)).detach().clone() for n in comps}
+    level = {n: -1 for n in comps}  # index into steps; -1: dense
+
+    def saved_by(name: str, idx: int) -> float:
+        return 0.0 if idx < 0 else round(steps[idx] * comps[name].numel) * elt
+
+    def saved() -> float:
+        return sum(saved_by(n, i) for n, i in level.items())
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=round(share * total), desc="fdtm rounds", unit="B", unit_scale=True)
+    rounds = measurements = 0
+    while saved() < share * total:
+        ctx = _Context(work, reference, prompts.shape[1], n_tokens, batch_size)
+        now = ctx.measure() if rank == "per_byte" else None
+        moves = []
+        for name, comp in comps.items():
+            if level[name] + 1 >= len(steps):
+                continue
+            mod = work.get_submodule(name)
+            current = weight_oi(mod).detach().clone()
+            set_weight_oi(mod, magnitude_prune(originals[name], steps[level[name] + 1]))
+            m = ctx.measure(comp)
+            set_weight_oi(mod, current)
+            measurements += 1
+            if rank == "per_byte":
+                gain = saved_by(name, level[name] + 1) - saved_by(name, level[name])
+                key = ((now[statistic] - m[statistic]) / gain, (m["nll"] - now["nll"]) / gain,
+                       name)
+            else:
+                key = (-m[statistic], -m["fdt_mean"], m["nll"], name)
+            moves.append((key, name))
+        moves.sort(key=lambda t: t[0])
+        take = max(1, math.ceil(fraction * len(moves)))
+        before = saved()
+        for _, name in moves[:take]:
+            level[name] += 1
+            set_weight_oi(work.get_submodule(name),
+                          magnitude_prune(originals[name], steps[level[name]]))
+            if saved() >= share * total:
+                break
+        rounds += 1
+        if bar is not None:
+            bar.update(round(min(saved(), share * total) - min(before, share * total)))
+    if bar is not None:
+        bar.close()
+    plan = {n: parse(f"prune:{steps[i]}").spec for n, i in level.items() if i >= 0}
+    measured = dtm(model, apply(model, plan), prompts, n_tokens, reference, batch_size).summary()
+    counts: dict[str, int] = {}
+    for lv in plan.values():
+        counts[lv] = counts.get(lv, 0) + 1
+    return {"plan": plan, "bytes_saved": saved(), "component_bytes": total,
+            "share_saved": saved() / total, "target_share": share, "level_counts": counts,
+            "measured": measured, "rounds": rounds, "measurements": measurements,
+            "statistic": statistic, "rank": rank, "steps": list(steps), "fraction": fraction}
+
+
+@torch.no_grad()
+def equal_reduction(model: nn.Module, prompts: Tensor, n_tokens: int,
+                    shares=(0.25, 0.5, 0.75), reference: Tensor | None = None,
+                    progress: bool = False, **plan_kwargs) -> list[dict]:
+    """Uniform magnitude pruning at sparsity ``s`` of every component vs `budget_plan` at the
+    same share, for each ``s`` in ``shares``: one row each with both models' FDT summaries
+    (measured the same way, on the applied models), the shares saved and the plan's levels."""
+    from .apply import apply
+    from .components import parse
+
+    check_prompts(prompts, n_tokens)
+    if reference is None:
+        reference = generate(model, prompts, n_tokens)
+    comps = find_components(model)
+    elt = next(model.parameters()).element_size()
+    total = sum(c.numel for c in comps.values()) * elt
+    rows = []
+    for s in shares:
+        lv = parse(f"prune:{s}")
+        uniform = dtm(model, apply(model, {c: lv.spec for c in comps}), prompts, n_tokens,
+                      reference).summary()
+        uniform_share = sum(lv.bytes_saved(c, elt) for c in comps.values()) / total
+        planned = budget_plan(model, prompts, n_tokens, uniform_share, reference=reference,
+                              progress=progress, **plan_kwargs)
+        rows.append({"sparsity": s, "share_uniform": uniform_share,
+                     "share_plan": planned["share_saved"], "uniform": uniform,
+                     "plan": planned["measured"], "plan_levels": planned["level_counts"],
+                     "rounds": planned["rounds"], "measurements": planned["measurements"]})
+    return rows

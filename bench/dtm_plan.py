@@ -1,0 +1,101 @@
+"""FDTM-guided pruning vs uniform pruning at equal parameter reduction, on the trained reference
+transformer (`bench.train_reference`, cached).
+
+    python -m bench.dtm_plan --shares 0.25,0.5,0.75 --plot dtm_plan.png
+
+For each share s: every component magnitude-pruned to sparsity s (uniform), and the
+`aa_compile.dtm.budget_plan` rounds pruning at least the same share of the component bytes,
+both measured the same way (FDT summaries of the applied models against the base model's greedy
+continuations of held-out prompts). Writes ``bench/results/dtm_plan.json`` (``--json``) and
+the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from aa_compile import dtm
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(shares=(0.25, 0.5, 0.75), n_prompts: int = 32, prompt_len: int = 32,
+        n_tokens: int = 64, steps=(0.25, 0.5, 0.75, 0.9), fraction: float = 0.25,
+        statistic: str = "fdt_mean", rank: str = "result", progress: bool = True) -> dict:
+    from bench.train_reference import load_or_train
+
+    ckpt = RESULTS / "dtm_reference.pt"
+    model = load_or_train(ckpt if ckpt.exists() else None)
+    prompts = dtm.byte_prompts(n_prompts, prompt_len)
+    t = time.perf_counter()
+    rows = dtm.equal_reduction(model, prompts, n_tokens, shares, steps=steps,
+                               fraction=fraction, statistic=statistic, rank=rank,
+                               progress=progress)
+    return {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "n_prompts": n_prompts, "prompt_len": prompt_len, "n_tokens": n_tokens,
+            "steps": list(steps), "fraction": fraction, "rank_statistic": statistic, "rank": rank,
+            "seconds": time.perf_counter() - t, "rows": rows}
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, stat in zip(axes, ("fdt_median", "fdt_mean")):
+        for key, label in (("uniform", "uniform pruning"), ("plan", "FDTM rounds")):
+            xs = [r[f"share_{key}"] for r in result["rows"]]
+            ax.plot(xs, [r[key][stat] for r in result["rows"]], "o-", label=label)
+        ax.set_xlabel("share of component weights pruned")
+        ax.set_ylabel(f"{stat} (tokens, N={result['n_tokens']})")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("trained reference transformer: FDT at equal parameter reduction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.dtm_plan", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shares", default="0.25,0.5,0.75", help="comma-separated sparsities")
+    ap.add_argument("--n-prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--n-tokens", type=int, default=64)
+    ap.add_argument("--steps", default="0.25,0.5,0.75,0.9", help="the per-component ladder")
+    ap.add_argument("--fraction", type=float, default=0.25,
+                    help="share of the movable components moved per round")
+    ap.add_argument("--statistic", default="fdt_mean", help="statistic that ranks the moves")
+    ap.add_argument("--rank", default="result", choices=("result", "per_byte"),
+                    help="moves ranked by the statistic's drop per byte saved, or by its value")
+    ap.add_argument("--json", default=str(RESULTS / "dtm_plan.json"), help="result file")
+    ap.add_argument("--plot", metavar="PNG", help="write the comparison plot here")
+    args = ap.parse_args(argv)
+    out = run(tuple(float(s) for s in args.shares.split(",")), args.n_prompts,
+              args.prompt_len, args.n_tokens, tuple(float(s) for s in args.steps.split(",")),
+              args.fraction, args.statistic, args.rank)
+    RESULTS.mkdir(exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"{'share':>6} {'median uniform':>15} {'median FDTM':>12} {'mean uniform':>13} "
+          f"{'mean FDTM':>10}")
+    for r in out["rows"]:
+        print(f"{r['sparsity']:>6.2f} {r['uniform']['fdt_median']:>15.1f} "
+              f"{r['plan']['fdt_median']:>12.1f} {r['uniform']['fdt_mean']:>13.2f} "
+              f"{r['plan']['fdt_mean']:>10.2f}")
+    if args.plot:
+        plot(out, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,15 +1,17 @@
 """aa::trigram_bag as an op: autograd against the float64 reference, gradcheck, determinism,
-bad inputs (ValueError naming the argument), the CHECK_INDICES switch, and compiling it."""
+bad inputs (ValueError naming the argument), the CHECK_INDICES switch, and compiling it; and
+the CPU kernel's large-output path (chunked outputs, huge pages) and numpy bookkeeping."""
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
 import aa_compile.ops.trigram_bag as trigram_bag_op
-from aa_compile.kernels.trigram_bag import reference
+from aa_compile.kernels.trigram_bag import cpu, reference
 
 from .kernels.test_trigram_bag_cpu import Problem, check, eager_embedding_bag, problems, references
 
@@ -262,3 +264,143 @@ def test_inductor_decomposes_the_cpu_forward_but_keeps_our_backward(monkeypatch)
                          ([1, 3, 3, 9, 11], r"offsets\[0\] has to be 0|start at 0")):
         with pytest.raises(RuntimeError, match=message):
             compiled(w1, indices, torch.tensor(bad))
+
+
+# --- CPU kernel internals: chunked large outputs, huge pages, numpy segments -----------------
+
+def _chunk_sizes(p, draw_bytes):
+    """A few ``chunk_bytes`` to try: tiny (one row per chunk), a few rows, the whole output."""
+    row = max(1, p.h * torch.empty(0, dtype=p.dtype).element_size())
+    return sorted({1, row * draw_bytes, 1 << 40})
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_v=80), st.integers(1, 7))
+def test_chunked_outputs_are_bit_identical_and_match_the_reference(p, rows_per_chunk):
+    """Forward and dweight written in chunks of bags / slots (the large-output path, forced
+    here with a small ``chunk_bytes``) give the same bits as one kernel call, for every dtype,
+    empty bags (and chunks with no entries at all), psw or not; and match float64."""
+    weight, indices, offsets, psw, grad = p.make()
+    sizes = _chunk_sizes(p, rows_per_chunk)
+    fwd = [cpu.trigram_bag_fwd(weight, indices, offsets, psw, chunk_bytes=c) for c in sizes]
+    dws = [cpu.weight_grad(grad, weight, indices, offsets, psw, chunk_bytes=c) for c in sizes]
+    for out in fwd[1:]:
+        assert torch.equal(out, fwd[0])
+    for dw in dws[1:]:
+        assert torch.equal(dw, dws[0])
+    (want, dw64, _), (scale, dw_s, _) = references(weight, indices, offsets, psw, grad)
+    eager = eager_embedding_bag(weight, indices, offsets, psw, grad)
+    check(fwd[0], want, scale, p.dtype, eager[0])
+    check(dws[0], dw64, dw_s, p.dtype, eager[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_v=300), st.sampled_from([None, 2**15 - 1, 2**15, 2**16, 70000]))
+def test_numpy_segments_equal_the_torch_ones(p, v_override):
+    """The CPU bookkeeping of the backward (numpy radix argsort, bincount) equals the ATen one
+    that other devices use, including at the 16-bit key limits."""
+    _, indices, offsets, _, _ = p.make()
+    v = p.v if v_override is None else v_override
+    if v_override is not None and indices.numel():
+        indices = indices.clone()
+        indices[0] = v - 1  # the largest slot the key must hold
+    got = cpu.segments(indices, offsets, v)
+    want = cpu.segments_torch(indices, offsets, v)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.int64 and torch.equal(a, b)
+    if v <= 2**16:
+        for a, b in zip(cpu.segments_numpy(indices, offsets, v), want):
+            assert torch.equal(a, b)
+
+
+def test_segments_of_empty_input():
+    none = torch.zeros(0, dtype=torch.int64)
+    for offsets in (torch.zeros(1, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)):
+        perm, rows, seg = cpu.segments(none, offsets, 5)
+        assert perm.numel() == rows.numel() == 0 and torch.equal(seg, torch.zeros(6).long())
+
+
+def _threads(n, fn):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+@settings(max_examples=15, deadline=None)
+@given(problems(max_v=60, max_bags=60), st.integers(1, 5))
+def test_chunked_backward_is_deterministic_across_runs_and_thread_counts(p, rows_per_chunk):
+    weight, indices, offsets, psw, grad = p.make()
+    for c in _chunk_sizes(p, rows_per_chunk):
+        def run(c=c):
+            return (cpu.trigram_bag_bwd(grad, weight, indices, offsets, psw, True, True),
+                    cpu.weight_grad(grad, weight, indices, offsets, psw, chunk_bytes=c),
+                    cpu.trigram_bag_fwd(weight, indices, offsets, psw, chunk_bytes=c))
+        first = _threads(1, run)
+        for again in (_threads(2, run), _threads(2, run), _threads(1, run)):
+            (dw, dpsw), dwc, out = again
+            assert torch.equal(dw, first[0][0]) and torch.equal(dwc, first[1])
+            assert torch.equal(out, first[2])
+            assert (dpsw is None) == (first[0][1] is None)
+            if dpsw is not None:
+                assert torch.equal(dpsw, first[0][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_output_huge_pages_same_bits(monkeypatch, dtype):
+    """A dweight above the huge-page threshold (the real large-output path: chunks copied into
+    a huge-page advised buffer) equals one kernel call, with and without the advice."""
+    p = Problem(4096, 1024, tuple((i * 13) % 40 for i in range(600)), False, dtype,
+                torch.int64, True, 11)
+    weight, indices, offsets, psw, grad = p.make()
+    one_call = cpu.weight_grad(grad, weight, indices, offsets, psw, chunk_bytes=1 << 40)
+    chunked = cpu.weight_grad(grad, weight, indices, offsets, psw, chunk_bytes=1 << 20)
+    assert torch.equal(chunked, one_call)
+    out = cpu.trigram_bag_fwd(weight, indices, offsets, psw, chunk_bytes=1 << 40)
+    assert torch.equal(cpu.trigram_bag_fwd(weight, indices, offsets, psw, chunk_bytes=1 << 16),
+                       out)
+    monkeypatch.setattr(cpu, "HUGE_PAGES", False)
+    assert torch.equal(cpu.weight_grad(grad, weight, indices, offsets, psw,
+                                       chunk_bytes=1 << 20), one_call)
+
+
+def test_advise_huge_pages_is_only_a_hint(monkeypatch):
+    import sys
+
+    big = torch.empty((cpu.HUGE_PAGE_MIN_BYTES + (4 << 20)) // 4, dtype=torch.float32)
+    assert not cpu.advise_huge_pages(torch.empty(8))  # below the threshold
+    assert not cpu.advise_huge_pages(big.to("meta"))  # not CPU memory
+    advised = cpu.advise_huge_pages(big)
+    assert advised == sys.platform.startswith("linux")
+    big.fill_(3.0)
+    assert bool((big == 3.0).all())
+    monkeypatch.setattr(cpu, "HUGE_PAGES", False)
+    assert not cpu.advise_huge_pages(big)
+
+
+def test_inductor_leaves_large_forward_outputs_to_the_chunked_kernel(monkeypatch):
+    """An output known to exceed CHUNK_BYTES is not decomposed into a direct ATen call: the
+    op's chunked kernel runs inside the compiled graph, with the same result."""
+    import aa_compile.kernels.trigram_bag as kernels
+
+    calls = []
+    fwd = kernels.forward
+    monkeypatch.setattr(kernels, "forward", lambda *a: calls.append(1) or fwd(*a))
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 64)  # 16 float32 columns x 1 bag
+    weight, indices, offsets, _, grad = Problem(
+        13, 16, (3, 0, 6, 2, 5), False, torch.float32, torch.int64, False, 8
+    ).make()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda w, i, o: OP(w, i, o) * 2, backend="aa")
+        w = weight.clone().requires_grad_(True)
+        out = compiled(w, indices, offsets)
+        out.backward(grad)
+    assert calls == [1]
+    want = F.embedding_bag(indices, weight, offsets, mode="sum", include_last_offset=True) * 2
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(w.grad, 2 * reference.trigram_bag_backward(
+        grad, weight, indices, offsets)[0])
+    torch._dynamo.reset()

@@ -44,9 +44,10 @@ results or a device fault), as with ``F.embedding`` on CUDA.
 
 **Compiled** (``backend="aa"``, inductor, CPU): the forward is decomposed into a direct call of
 ATen's embedding bag (``kernels.trigram_bag.cpu.inductor_decompositions``: no Python custom-op
-cost per call); the backward stays `aa::trigram_bag_backward`. The value checks still hold
-there but raise ``RuntimeError``: an index outside ``[0, v)`` from ATen's kernel, malformed
-offsets from an inductor assert with this op's message (or ATen's kernel).
+cost per call), except for an output above ``kernels.trigram_bag.cpu.CHUNK_BYTES`` (16 MiB),
+where the op's chunked kernel runs; the backward stays `aa::trigram_bag_backward`. The value
+checks still hold there but raise ``RuntimeError``: an index outside ``[0, v)`` from ATen's
+kernel, malformed offsets from an inductor assert with this op's message (or ATen's kernel).
 
 ``aa::tfree_words_to_csr`` turns the T-FREE reference embedding's input (trigram slots
 ``[n, m]`` and the word of each trigram, in any order) into this op's CSR bags; the

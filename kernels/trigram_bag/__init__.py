@@ -8,8 +8,9 @@ with the reference beside them.
 - ``triton_kernel.py``: the CUDA path (Triton: one program per bag x column block; deterministic
   sorted-segment backward, or float atomics on request).
 
-`forward` and `backward` pick the implementation for the tensor's device. The CPU module only
-calls ATen ops that exist on every device, so it also serves float64 on CUDA and CUDA without
+`forward` and `backward` pick the implementation for the tensor's device. For tensors off the
+CPU the CPU module only calls ATen ops that exist on every device (its numpy bookkeeping and
+huge-page advice are for CPU tensors), so it also serves float64 on CUDA and CUDA without
 Triton (still deterministic: ATen's embedding-bag forward sums each bag in one thread).
 """
 

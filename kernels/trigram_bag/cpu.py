@@ -1,48 +1,88 @@
 """CPU path of `aa::trigram_bag` (numerics: :mod:`aa_compile.kernels.trigram_bag.reference`).
 
-Forward: ATen's inference-only embedding bag (``aten::_embedding_bag_forward_only``, the kernel
-behind ``F.embedding_bag`` under ``no_grad``; fbgemm-generated code for float32/float16/bfloat16,
-a plain loop for float64). Each bag is summed in order by one thread, in float32 for the half
-types (rounded once on store: bit-equal to the correctly rounded float64 sum in a check here),
-so it is deterministic. Unlike ``F.embedding_bag`` with autograd on, it builds no ``offset2bag`` /
-``bag_size`` side outputs.
+Forward: ATen's inference-only embedding bag (``aten::_embedding_bag_forward_only``; fbgemm-
+generated code for float32/float16/bfloat16, a plain loop for float64). ``F.embedding_bag``
+runs the same summation code (``aten::_embedding_bag`` when the weight requires grad, even
+under ``no_grad``, which also fills ``offset2bag`` / ``bag_size`` side outputs). Each bag is
+summed in order by one thread, in float32 for the half types (rounded once on store:
+bit-equal to the correctly rounded float64 sum in a check here), so it is deterministic.
+Outputs larger than `CHUNK_BYTES` are written in chunks (see "Large outputs").
 
 Compiled (``backend="aa"`` with inductor): `inductor_decompositions` hands inductor the forward
 as a direct ``aten::_embedding_bag_forward_only`` call (an extern kernel in the generated code),
 so a compiled graph pays no Python custom-op cost (validation, dispatch: ~0.1 ms a call) for
-it. The decomposition applies below autograd (aot_autograd traces the op's autograd formula,
-then decomposes what runs under it), so the backward is still `aa::trigram_bag_backward`. The
-value checks raise ``RuntimeError`` instead of ``ValueError`` there: an index outside ``[0, v)``
-and ``offsets[0] != 0`` are caught by ATen's kernel (which checks each index it reads), and so
-are decreasing offsets for the fbgemm dtypes; ``offsets[-1] != nnz`` (and decreasing offsets
-for float64) by inductor asserts with the op's message.
+it; an output known to exceed `CHUNK_BYTES` keeps the op (its chunked kernel saves more than
+that). The decomposition applies below autograd (aot_autograd traces the op's autograd
+formula, then decomposes what runs under it), so the backward is still
+`aa::trigram_bag_backward`. The value checks raise ``RuntimeError`` instead of ``ValueError``
+there: an index outside ``[0, v)`` and ``offsets[0] != 0`` are caught by ATen's kernel (which
+checks each index it reads), and so are decreasing offsets for the fbgemm dtypes;
+``offsets[-1] != nnz`` (and decreasing offsets for float64) by inductor asserts with the op's
+message.
 
 `words_to_csr` converts the T-FREE reference embedding's input (trigram slots and the word of
 each trigram, in any order) to the op's CSR bags; it backs ``aa::tfree_words_to_csr``, which the
 ``tfree_embedding`` pass emits.
 
 Backward, ``dweight`` (deterministic, no atomics): ``dweight`` is itself an embedding bag over
-the *transposed* CSR. A stable sort of ``indices`` (as int16 / int32 keys when ``v`` allows:
-fewer radix passes) groups the entries of each slot ``i`` in their original order; ``bag(j)`` of
-the sorted entries are the rows to gather from ``grad``, ``psw[perm]`` their weights, and
-``cumsum(bincount(indices))`` the segment boundaries. The same embedding-bag kernel then sums
-each run of equal index (a segment reduction) in order into row ``i`` of a dense ``[v, h]``
-result (rows no entry hits come out zero), accumulating in float32 for half types. The result
-depends only on the input, not on thread count or timing.
+the *transposed* CSR (`segments`). A stable sort of ``indices`` groups the entries of each slot
+``i`` in their original order; ``bag(j)`` of the sorted entries are the rows to gather from
+``grad``, ``psw[perm]`` their weights, and ``cumsum(bincount(indices))`` the segment
+boundaries. On CPU with ``v <= 65536`` numpy builds these (`segments_numpy`: a radix argsort of
+16-bit keys, ~2 ms for 226k entries on one core, like torch's sort) single-threaded: each
+OpenMP region of the torch version (key cast, sort, ``repeat_interleave``, ``index_select``,
+``bincount``) can stall for a scheduler time slice when the cores are shared (measured: the
+bookkeeping took 0.2 s instead of 3 ms with two threads on a machine at load 9). Larger ``v``
+and other devices use torch ops (`segments_torch`, sorting int16 / int32 keys). The same
+embedding-bag kernel then sums each run of equal index (a segment reduction) in order into row
+``i`` of a dense ``[v, h]`` result (rows no entry hits come out zero), accumulating in float32
+for half types. The result depends only on the input, not on thread count or timing.
 
-Measured on the 2-core EPYC dev VM (v=8192, h=1024, 4096 words of 1 + Poisson(4.5) trigrams,
-m=10: 226k slots; medians of interleaved runs, the VM is noisy by +-15%): forward 0.92-0.99x
-``F.embedding_bag`` (the same kernel; the difference is the Python custom op's fixed per-call
-cost, ~0.1 ms warm, which only shows on small batches); forward+backward 1.26x float32, 3.6x
-bfloat16, 1.06x at v=32768 (there writing the dense 128 MB gradient dominates) faster than
-``F.embedding_bag`` + its dense backward, and 14-32x faster than the reference module's gather /
-``index_add_`` (forward 13-24x). Alternatives measured and rejected: ``index_add_`` in float32
-for ``dweight`` (bitwise reproducible on CPU across runs and thread counts in a check here, but
-~15x slower), a sparse CSR matmul (~2x slower forward).
+Large outputs (`bag_sum`): a fresh output is new memory from the OS (glibc maps each
+allocation of 32 MiB or more, and smaller ones until its threshold adapts, and unmaps it on
+free), so writing it costs a page fault and the kernel zeroing each 4 KiB page. For the
+``[32768, 1024]`` float32 gradient (128 MiB) that was ~4x the cost of writing the same,
+already mapped memory, and at v=32768 or h=4096 a third to half of the whole weight gradient.
+Here an output larger than `CHUNK_BYTES` (16 MiB) is allocated with `advise_huge_pages`
+(``madvise(MADV_HUGEPAGE)``: one fault per 2 MiB; measured 70 ms instead of 320 ms for
+allocating and zeroing 128 MiB with one thread on the loaded VM, 38 ms for reused memory) and
+filled in chunks of rows: each chunk is one kernel call whose ATen-allocated output (under 16
+MiB: reused heap memory, in cache) is copied into place. ATen's
+``_embedding_bag_forward_only.out`` cannot write there directly: it is a generated wrapper that
+allocates and copies too. Each row is still summed by one call in the same order, so chunked
+and unchunked results are the same bits. The peak memory grows by one chunk (16 MiB).
+`HUGE_PAGES` (``AA_TRIGRAM_BAG_HUGE_PAGES=0``) turns the advice off. Running the whole process
+with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's allocator then advises every large allocation)
+would speed up the reference and ``F.embedding_bag`` the same way.
 
-All ops used here exist on every device, so the op also takes this path for float64 on CUDA and
-for CUDA without Triton (not run here: no GPU on the dev machine; ATen's CUDA embedding-bag
-forward also sums each (bag, column) in one thread, with a float accumulator for half types).
+Measured with the bench harness (``python -m bench -k "trigram_bag and not hashed" --rounds 3
+--repeats 3``, m=10, float32, words of 1 + Poisson(4.5) trigrams: ~55 slots a word) on the
+2-core EPYC dev VM while other jobs kept it at load average 6-9 (times 2-3x a quiet
+machine's; medians of 9 interleaved rounds); two runs of the previous version of this module
+(torch bookkeeping, one kernel call into an ATen-allocated output) before and after two runs
+of this one. Forward + backward, ``backend="aa"`` against the eager reference module /
+``F.embedding_bag`` + its dense backward, before -> after: v=8192, h=1024, 4096 words
+7.8-9.2x -> 9.4-11.7x / 1.3-1.4x -> 1.7-2.2x; v=32768: 5.5-5.9x -> 7.8-9.8x / 1.1x -> 1.7-2.1x;
+v=8192, h=4096, 1024 words: 5.3-5.6x -> 7.0-7.2x / 1.1-1.3x -> 1.6x. ``dweight`` alone, one
+thread, interleaved: 291 -> 239, 580 -> 366 and 538 -> 314 ms. The forward is unchanged at
+these shapes (16 MiB outputs: one call) and at parity with ``F.embedding_bag``: the op called
+eagerly 0.91-1.07x over these runs (the same summation code reading the same ``nnz * h``
+table values), the compiled module 0.65-1.01x (its graph also turns word ids into CSR, ~1 ms
+on one core, and checks the offsets in an inductor-generated OpenMP loop, one more parallel
+region to stall on a loaded machine; the peer gets its CSR prebuilt). Outputs above
+`CHUNK_BYTES` are where it wins: 5-8% at 16384 words x h=1024 and 4096 words x h=4096.
+
+Alternatives measured and rejected: ``index_add_`` in float32 for ``dweight`` (bitwise
+reproducible on CPU across runs and thread counts in a check here, but ~15x slower), a sparse
+CSR matmul (~2x slower forward), chunks of 1-8 MiB (more kernel calls: slower on a loaded
+machine), a sparse (row-compressed) gradient (at the realistic shapes the batch touches almost
+every row, ``1 - exp(-nnz / v)`` >= 99.9% for 4096 words of ~55 slots at v=32768, so it would
+not be smaller).
+
+Only ATen ops are used for tensors off the CPU (numpy and the huge-page advice are for CPU
+tensors), so the op also takes this path for float64 on CUDA and for CUDA without Triton (not
+run here: no GPU on the dev machine; ATen's CUDA embedding-bag forward also sums each (bag,
+column) in one thread, with a float accumulator for half types).
 
 ``dpsw[j] = <grad[bag(j)], weight[indices[j]]>``: ATen's
 ``_embedding_bag_per_sample_weights_backward`` (the kernel ``F.embedding_bag`` uses), one dot
@@ -52,10 +92,65 @@ product per entry, float32 accumulation for the half types (measured: correctly 
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+import sys
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import reference
+
+#: Outputs larger than this are written in row chunks of about this many bytes into a buffer
+#: allocated (and huge-page advised) here; smaller ones are one kernel call (see module doc,
+#: "Large outputs"). 16 MiB: under glibc's largest mmap threshold (32 MiB), so a freed chunk's
+#: memory is reused by the next chunk without page faults, and it fits the L3 cache.
+CHUNK_BYTES: int = 16 << 20
+
+#: Ask the OS for transparent huge pages (``madvise(MADV_HUGEPAGE)``, Linux) for outputs of at
+#: least `HUGE_PAGE_MIN_BYTES`. Set ``AA_TRIGRAM_BAG_HUGE_PAGES=0`` (before import) or this
+#: attribute to False to turn it off; results are the same bits either way.
+HUGE_PAGES: bool = os.environ.get("AA_TRIGRAM_BAG_HUGE_PAGES", "1").strip().lower() not in (
+    "0", "false", "no", "off")
+HUGE_PAGE_MIN_BYTES: int = 4 << 20
+_HUGE_PAGE = 2 << 20  # x86-64 / aarch64 (4 KiB base pages) transparent huge page size
+_madvise = None  # libc's madvise via ctypes, loaded on first use; False where unavailable
+
+
+def _libc_madvise():
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+            except (OSError, AttributeError):  # pragma: no cover - no libc symbol
+                pass
+            else:
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _madvise = fn
+    return _madvise
+
+
+def advise_huge_pages(t: Tensor) -> bool:
+    """Advise the OS to back ``t``'s memory with transparent huge pages (the whole 2 MiB pages
+    inside it; Linux ``madvise(MADV_HUGEPAGE)``). Only a hint: the contents are unchanged, and
+    memory already touched keeps its pages. Worth it for a large buffer before it is first
+    written: one page fault per 2 MiB instead of per 4 KiB. Returns whether the advice was
+    given (False off Linux / CPU, below `HUGE_PAGE_MIN_BYTES`, or with `HUGE_PAGES` off)."""
+    nbytes = t.numel() * t.element_size()
+    if not HUGE_PAGES or t.device.type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES:
+        return False
+    fn = _libc_madvise()
+    if not fn:
+        return False
+    ptr = t.data_ptr()
+    lo = (ptr + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    hi = (ptr + nbytes) & ~(_HUGE_PAGE - 1)
+    return hi > lo and fn(lo, hi - lo, mmap.MADV_HUGEPAGE) == 0
 
 
 def _bag(weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None) -> Tensor:
@@ -65,14 +160,43 @@ def _bag(weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None) -
     )[0]
 
 
+def bag_sum(weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None,
+            chunk_bytes: int | None = None) -> Tensor:
+    """``[len(offsets) - 1, h]`` bag sums (ATen's kernel, valid CSR input, contiguous
+    ``weight``). An output larger than ``chunk_bytes`` (default `CHUNK_BYTES`) is filled in
+    chunks of bags, each one kernel call, copied into an output allocated here with huge pages
+    advised (module doc, "Large outputs"); the sums and their order are the same either way."""
+    n, h = offsets.numel() - 1, weight.shape[1]
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    row_bytes = h * weight.element_size()
+    if n * row_bytes <= chunk_bytes or weight.device.type != "cpu":
+        return _bag(weight, indices, offsets, psw)
+    out = torch.empty(n, h, dtype=weight.dtype)
+    advise_huge_pages(out)
+    step = max(1, chunk_bytes // max(1, row_bytes))
+    o = offsets.numpy()
+    for b0 in range(0, n, step):
+        b1 = min(n, b0 + step)
+        s0, s1 = int(o[b0]), int(o[b1])
+        if s0 == s1:
+            out[b0:b1].zero_()
+            continue
+        part_offsets = torch.from_numpy(o[b0:b1 + 1] - o[b0])
+        part_psw = None if psw is None else psw[s0:s1]
+        out[b0:b1].copy_(_bag(weight, indices[s0:s1], part_offsets, part_psw))
+    return out
+
+
 def trigram_bag_fwd(
-    weight: Tensor, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None
+    weight: Tensor, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
-    """Forward: ``[n_bags, h]`` in ``weight.dtype`` (input assumed valid, see ``check_inputs``)."""
+    """Forward: ``[n_bags, h]`` in ``weight.dtype`` (input assumed valid, see ``check_inputs``).
+    ``chunk_bytes``: see `bag_sum`."""
     n_bags, h = offsets.numel() - 1, weight.shape[1]
     if n_bags == 0 or indices.numel() == 0 or h == 0:
         return torch.zeros(n_bags, h, dtype=weight.dtype, device=weight.device)
-    return _bag(weight.contiguous(), indices, offsets, per_sample_weights)
+    return bag_sum(weight.contiguous(), indices, offsets, per_sample_weights, chunk_bytes)
 
 
 def words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int, presorted: bool = False
@@ -84,10 +208,15 @@ def words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int, presorted
     non-decreasing as a tokenizer emits them: no sort and no gather, ``indices`` is a plain copy
     of ``slots``); ``offsets = m * [0, cumsum(trigrams per word)]``, the counts by ``index_add_``
     (bounds-checked on every device, unlike ``bincount``). Word ids are assumed to lie in
-    ``[0, n_words)`` (the op checks them). ATen ops only, so it serves every device."""
+    ``[0, n_words)`` (the op checks them). ATen ops (and numpy's copy for CPU tensors), so it
+    serves every device."""
     n, m = slots.shape
     if presorted:  # a copy: a custom op's outputs may not alias its inputs
-        indices = slots.reshape(-1).clone()
+        if slots.device.type == "cpu":  # numpy's copy: no OpenMP region (see `segments_numpy`)
+            indices = torch.empty(n * m, dtype=slots.dtype)
+            np.copyto(indices.numpy(), slots.numpy().reshape(-1))
+        else:
+            indices = slots.reshape(-1).clone()
     else:
         perm = torch.sort(word_of_trigram, stable=True).indices
         indices = slots.index_select(0, perm).reshape(-1)
@@ -98,16 +227,33 @@ def words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int, presorted
     return indices, offsets.mul_(m)
 
 
+def _decline(op):
+    """``NotImplemented`` (the op stays in the graph), after giving inductor a fallback lowering
+    for ``op`` (an extern call of the op itself): inductor refuses an op that is in its
+    decomposition table but has no lowering. Called while inductor compiles, so its lowering
+    module is already imported."""
+    from torch._inductor import lowering
+
+    if op not in lowering.lowerings:
+        lowering.make_fallback(op, warn=False, override_decomp=True)
+    return NotImplemented
+
+
 def inductor_decompositions() -> dict:
     """Inductor decompositions (see module doc, "Compiled"): the CPU forward becomes a direct
     call of ``aten::_embedding_bag_forward_only`` in inductor's generated code, without the
     Python custom-op layer. The backward op is not decomposed (it stays ours). Declines
-    (``NotImplemented``) off CPU and for a width that is not a known positive int."""
+    (``NotImplemented``) off CPU, for a width that is not a known positive int, and for an
+    output known to exceed `CHUNK_BYTES` (there the op's own chunked, huge-page kernel runs:
+    the Python cost is small next to the page faults it saves)."""
 
     def fwd(weight, indices, offsets, per_sample_weights=None, deterministic=True):
         h = weight.shape[1] if weight.dim() == 2 else None
         if weight.device.type != "cpu" or not isinstance(h, int) or h == 0:
-            return NotImplemented
+            return _decline(torch.ops.aa.trigram_bag.default)
+        n_bags = offsets.shape[0] - 1
+        if isinstance(n_bags, int) and n_bags * h * weight.element_size() > CHUNK_BYTES:
+            return _decline(torch.ops.aa.trigram_bag.default)
         # ATen's kernel checks every index it reads (RuntimeError naming the bad one) and
         # offsets[0]. The rest is checked by inductor asserts: offsets[-1] == nnz and
         # non-decreasing offsets. (fbgemm's kernels reject some decreasing offsets themselves,
@@ -136,20 +282,53 @@ def stable_sort(indices: Tensor, v: int) -> tuple[Tensor, Tensor]:
     return torch.sort(indices.to(key_dtype), stable=True)
 
 
+def segments(indices: Tensor, offsets: Tensor, v: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The transposed CSR of the bags: ``(perm, rows, seg)``, all int64 on ``indices``' device.
+    ``perm`` is the stable sort of ``indices`` (the entries of slot 0 in their order, then slot
+    1's, ...), ``rows[k] = bag(perm[k])``, and ``seg [v + 1]`` the start of each slot's run
+    (``seg[i + 1] - seg[i]`` entries hit slot ``i``). On CPU with ``v <= 65536``:
+    `segments_numpy`, else `segments_torch` (the same three tensors)."""
+    if indices.device.type == "cpu" and v <= 1 << 16:
+        return segments_numpy(indices, offsets, v)
+    return segments_torch(indices, offsets, v)
+
+
+def segments_numpy(indices: Tensor, offsets: Tensor, v: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`segments` for CPU tensors and ``v <= 65536``, in numpy: single-threaded (no OpenMP
+    region, which a loaded machine can stall for a scheduler time slice each) and about as fast
+    as torch's on one core: ``argsort(kind="stable")`` of 16-bit keys is a radix sort."""
+    idx = indices.numpy()
+    perm = np.argsort(idx.astype(np.uint16), kind="stable")
+    o = offsets.numpy()
+    rows = np.repeat(np.arange(o.shape[0] - 1, dtype=np.int64), np.diff(o))[perm]
+    seg = np.zeros(v + 1, dtype=np.int64)
+    np.cumsum(np.bincount(idx, minlength=v), out=seg[1:])
+    return torch.from_numpy(perm.astype(np.int64, copy=False)), torch.from_numpy(rows), \
+        torch.from_numpy(seg)
+
+
+def segments_torch(indices: Tensor, offsets: Tensor, v: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`segments` with ATen ops (any device, any ``v``): `stable_sort`, ``bincount``."""
+    perm = stable_sort(indices, v)[1]
+    rows = reference.bag_ids(offsets, indices.numel()).index_select(0, perm)
+    seg = torch.zeros(v + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(torch.bincount(indices, minlength=v), 0, out=seg[1:])
+    return perm, rows, seg
+
+
 def weight_grad(
-    grad: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None
+    grad: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
-    """``dweight [v, h]`` in ``weight.dtype``: sorted segment sums (see module doc)."""
+    """``dweight [v, h]`` in ``weight.dtype``: sorted segment sums (see module doc).
+    ``chunk_bytes``: see `bag_sum`."""
     v, h = weight.shape
     nnz = indices.numel()
     if nnz == 0 or h == 0:
         return torch.zeros(v, h, dtype=weight.dtype, device=weight.device)
-    perm = stable_sort(indices, v)[1]
-    rows = reference.bag_ids(offsets, nnz).index_select(0, perm)
-    seg = torch.zeros(v + 1, dtype=torch.int64, device=weight.device)
-    torch.cumsum(torch.bincount(indices, minlength=v), 0, out=seg[1:])
+    perm, rows, seg = segments(indices, offsets, v)
     psw_sorted = None if psw is None else psw.index_select(0, perm)
-    return _bag(grad.to(weight.dtype).contiguous(), rows, seg, psw_sorted)
+    return bag_sum(grad.to(weight.dtype).contiguous(), rows, seg, psw_sorted, chunk_bytes)
 
 
 def psw_grad(grad: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """Rewrite the HAT reference's padded attentions into `aa::window_attention` and `aa::word_pool`,
-and its decoder guide add into `aa::guide_add`.
+and its decoder guide add into `aa::guide_add_rms_norm` (fused with the RMSNorm that reads the
+sum) or `aa::guide_add`.
 
 The reference (``aa_compile.models.hat``) computes, over a packed byte stream of T bytes:
 
@@ -14,21 +15,34 @@ The reference (``aa_compile.models.hat``) computes, over a packed byte stream of
   ``word_mask[:, None, None, :]``, where ``word_bytes``/``word_mask`` are built in the forward from
   ``word_offsets`` (``word_grid``). Pass ``hat_word_pool`` replaces it with ``aa::word_pool(q
   [1, H, hd], k_bytes [T, H, hd], v_bytes, word_offsets, scale).unsqueeze(2)``: nothing padded.
+- **guide add**: ``y = x + g[byte_word]`` (``x [1, T, d]`` or ``[T, d]``, ``g [W, d]``) with
+  ``byte_word`` built in the forward from ``word_offsets`` (``byte_words``), followed in the
+  decoder by the block's ``attn_norm(y)`` (every guided layer: the first, or all of them with
+  ``guide_every_layer``). Pass ``hat_guide_add`` replaces the pair with ``y, normed =
+  aa::guide_add_rms_norm(x.reshape(T, d), g, word_offsets, weight, eps, out_dtype=...)``, both
+  reshaped back: ``y`` goes to the sum's other users (the residual stream), ``normed`` to the
+  norm's. A sum that no RMSNorm reads becomes ``aa::guide_add(x.reshape(T, d), g,
+  word_offsets)``. No ``[T, d]`` gather either way; ``dg`` is a segment sum. The index is proven
+  like the masks: ``byte_word[t] == w`` for ``word_offsets[w] <= t < word_offsets[w + 1]``,
+  empty words included.
 
-- **guide add**: ``x + g[byte_word]`` (``x [1, T, d]`` or ``[T, d]``, ``g [W, d]``) with
-  ``byte_word`` built in the forward from ``word_offsets`` (``byte_words``). Pass
-  ``hat_guide_add`` replaces it with ``aa::guide_add(x.reshape(T, d), g, word_offsets)``
-  reshaped back (no ``[T, d]`` gather; ``dg`` is a segment sum). The index is proven like the
-  masks: ``byte_word[t] == w`` for ``word_offsets[w] <= t < word_offsets[w + 1]``, empty words
-  included.
+**Which norms fuse.** The norm reads ``y`` through reshapes/views (last dimension kept), ``t[0]``
+of a leading 1 and casts that are exact and keep the op's arithmetic (to ``y``'s dtype, or
+half -> float32); it is the ``aa::rms_norm`` the ``rms_norm`` pass (earlier in the pipeline)
+made, or, when that pass is off, a form it matches with its guard holding. Its eps is a finite
+number >= 0 (or the symbolic float of ``dynamic=True``), its weight None or a 1-D float tensor
+of width d on ``y``'s device, defined before the sum (an ``eps.item()`` after it is moved up);
+``out_dtype`` is the norm's output dtype. Otherwise the unfused op is emitted and the report has
+"kept the unfused aa::guide_add: ..." with the reason. The first such norm in graph order fuses;
+any other stays ``aa::rms_norm`` of ``y``.
 
 **The guard is a proof by evaluation.** Whether a mask is "the" sliding-window mask cannot be
 read off the node that consumes it, so each pass takes the mask's producing subgraph (every
-ancestor of the mask, back to the graph inputs), requires that it reads exactly one graph input,
-a 1-D integer tensor of static length (the offsets), and no float input, parameter, module call
-or random op, copies it into a small GraphModule and runs it at compile time on probe offsets:
-random document / word layouts with empty documents, one-document and one-byte-word extremes,
-at the graph's own (static) T, D and L. The outputs must equal the op's definition exactly:
+ancestor of the mask, back to the graph inputs), requires that it reads exactly one tensor graph
+input, a 1-D integer tensor (the offsets), besides symbolic sizes of the graph's tensor inputs,
+and no float input, parameter, module call or random op, copies it into a small GraphModule and
+runs it at compile time on probe offsets: random document / word layouts with empty documents,
+one-document and one-byte-word extremes. The outputs must equal the op's definition exactly:
 
 - window attention: ``mask[i, j] == same document(i, j) and 0 <= i - j < window`` for some
   ``window`` among the positive integer constants of the subgraph (the smallest that fits; a
@@ -36,29 +50,49 @@ at the graph's own (static) T, D and L. The outputs must equal the op's definiti
 - word pooling: ``word_mask[w, l] == l < len(w)`` and, where the mask is set,
   ``word_bytes[w, l] == word_offsets[w] + l`` (padding indices in range).
 
+**Sizes.** A static graph is probed at its own T, D, W and L. A dynamic-shape graph (dynamo's
+automatic dynamic after a batch of another shape, or ``dynamic=True``: T, W, L, D symbolic, the
+mask built from SymInt graph inputs) is probed at the example inputs' sizes (dynamo's hints) and
+at up to three seeded random assignments of the symbols (each in ``[2, min(hint + 8, 96)]``,
+those a layout fits); for a symbolic T, when two window constants both fit every probe (all
+probe T <= the smaller), another probe at T = smaller + 1 decides (up to T = 8192, else the
+mask is left alone as ambiguous). The guide's row count W and the offsets' length W + 1 come
+from different batch tensors, so dynamo has two symbols for them: the guide-add pass installs
+their equality as a guard of the compiled graph (dynamo re-checks it per call and recompiles
+when it fails); every other size relation the passes rely on is already known to dynamo
+(checked without adding guards). The ops' fake kernels take symbolic sizes; the reshapes around
+them use -1 for the one symbolic dimension.
+
 Any other mask (non-causal, a window that is a graph input, a float mask, a mask passed in as
-an input, dynamic shapes that make T or the offsets' length symbolic) is left alone, with the
-reason in the report. The probes establish equality on the layouts tried, not a formal proof; the
-subgraph being integer arithmetic of one input at fixed shapes, a mismatch would need a mask that
-agrees on every probe layout and differs elsewhere.
+an input, data-dependent sizes) is left alone, with the reason in the report. The probes
+establish equality on the layouts and sizes tried, not a formal proof; the subgraph being
+integer arithmetic of one input, a mismatch would need a mask that agrees on every probe and
+differs elsewhere.
 
 **Numerics.** float32: the ops' results equal the SDPA reference to a few ulps (softmax in
 float32 in both); gradients likewise (the ops have their own backward). One difference: a word
 with no bytes pools to zeros with the op (SDPA with an all-False key mask gives NaN); `ByteBatch`
-never has empty words.
+never has empty words. The fused norm rounds once (the ``aa::rms_norm`` convention): equal to
+the unfused ops in float32, within a rounding of the reference in half types.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
+import random
 from collections.abc import Callable
 
+import sympy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw, statically_known_true
 
 from . import match
 from .base import GraphPass, PassContext
+from .rms_norm import RMSNormMatch, _guard, _is_cast, _match_decomposed, _match_functional
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,29 +101,172 @@ _DEVICES = ("cpu", "cuda")
 _RANDOM = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform", "exponential",
            "poisson")
 _N_PROBES = 8
+#: the largest T a window-disambiguation probe may use (a [T, T] mask is evaluated)
+_MAX_PROBE_T = 8192
+
+
+# -- sizes: static ints or dynamo's symbolic ones ------------------------------------------
+
+def _expr(v):
+    """The sympy expression of a SymInt, shape-env replacements applied (None for an int)."""
+    if isinstance(v, torch.SymInt):
+        node = v.node
+        return node.shape_env.replace(node.expr)
+    return None
+
+
+def _same(a, b) -> bool:
+    """``a == b`` for ints or SymInts, decided without adding a guard (False when unknown)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001  (not comparable: not the same)
+        return False
+
+
+def _same_or_guard(a, b) -> bool:
+    """``a == b`` when `_same`; else, for symbolic sizes equal at dynamo's example inputs,
+    installs that equality as a guard of the compiled graph (dynamo re-checks it every call
+    and recompiles when it fails) and returns True; else False."""
+    if _same(a, b):
+        return True
+    if isinstance(a, int) and isinstance(b, int):
+        return False
+    try:
+        if guarding_hint_or_throw(a) != guarding_hint_or_throw(b):
+            return False
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (no hint, or the shape env takes no more guards)
+        return False
+
+
+def _size(v, sizes: dict) -> int:
+    """``v`` (an int or a SymInt) at the concrete ``sizes`` (symbol -> value)."""
+    if isinstance(v, int):
+        return v
+    value = _expr(v).xreplace(sizes)
+    if not value.is_Integer:
+        raise ValueError(f"size {v} does not evaluate to an integer at {sizes}")
+    return int(value)
+
+
+def _shape_arg(shape) -> tuple | None:
+    """``shape`` as reshape arguments: its one symbolic dimension (if any) as -1; None when
+    more than one dimension is symbolic."""
+    dynamic = [i for i, s in enumerate(shape) if not isinstance(s, int)]
+    if len(dynamic) > 1:
+        return None
+    return tuple(-1 if i in dynamic else s for i, s in enumerate(shape))
+
+
+def _symbols_of(v) -> set:
+    if isinstance(v, torch.SymInt):
+        return set(_expr(v).free_symbols)
+    if isinstance(v, Tensor):
+        return set().union(*(_symbols_of(s) for s in v.shape)) if v.dim() else set()
+    return set()
+
+
+def _shape_env(values):
+    for v in values:
+        for s in (v.shape if isinstance(v, Tensor) else (v,)):
+            if isinstance(s, torch.SymInt):
+                return s.node.shape_env
+    return None
 
 
 # -- the mask subgraph ----------------------------------------------------------------------
 
 class Subgraph:
     """The ancestors of some output nodes, back to the graph inputs, runnable on probe values
-    of its single input."""
+    of its single tensor input (and, in a dynamic-shape graph, on probe sizes: its SymInt
+    inputs and every symbolic size are given concrete values)."""
 
     def __init__(self, gm: fx.GraphModule, outputs: list[fx.Node], leaf: fx.Node,
-                 nodes: list[fx.Node]) -> None:
+                 nodes: list[fx.Node], values: list, shape_env) -> None:
         self.leaf, self.nodes, self.outputs = leaf, nodes, outputs
+        self.values = list(values)  # every size here is probed
+        self.shape_env = shape_env
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
+        self.inputs: list[fx.Node] = []
         for n in nodes:
             env[n] = graph.node_copy(n, lambda a: env[a])
+            if n.op == "placeholder":
+                self.inputs.append(n)
         graph.output(tuple(env[o] for o in outputs))
         self.module = fx.GraphModule(gm, graph)
 
-    def __call__(self, value: Tensor) -> tuple:
-        """The outputs on ``value`` (moved to the input's device), back on the CPU."""
+    def include(self, *sizes) -> str | None:
+        """Also probe the symbols of ``sizes`` (sizes the caller checks against, such as T,
+        that the subgraph itself need not read); a reason if one is data-dependent."""
+        for v in sizes:
+            for s in _symbols_of(v):
+                if self.shape_env is None:
+                    self.shape_env = v.node.shape_env
+                if s not in self.shape_env.backed_var_to_val:
+                    return f"data-dependent size {s}"
+            self.values.append(v)
+        return None
+
+    @property
+    def symbols(self) -> list:
+        """The free symbols of every size (recomputed: a guard may have replaced some)."""
+        return sorted(set().union(*(_symbols_of(v) for v in self.values)), key=str)
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.symbols)
+
+    def hints(self) -> dict:
+        """The sizes of the example inputs dynamo traced with (its "hints")."""
+        known = self.shape_env.backed_var_to_val
+        return {s: sympy.Integer(int(known[s])) for s in self.symbols}
+
+    def size_probes(self, feasible: Callable[[dict], bool], extra: int = 3) -> list[dict]:
+        """Concrete sizes to evaluate at: ``{}`` for a static graph; else the hints first, then
+        up to ``extra`` other seeded random assignments that ``feasible`` accepts, each symbol
+        in ``[max(2, its lower bound), min(its hint + 8, 96)]`` (small: a probe evaluates the
+        whole subgraph; the hints are the one large size)."""
+        symbols = self.symbols
+        if not symbols:
+            return [{}]
+        hints = self.hints()
+        probes = [hints]
+        ranges = getattr(self.shape_env, "var_to_range", {})
+        rng = random.Random(0)
+        bounds = {}
+        for s in symbols:
+            vr = ranges.get(s)
+            lo = max(2, int(vr.lower)) if vr is not None and vr.lower.is_Integer else 2
+            hi = min(int(hints[s]) + 8, 96)
+            if vr is not None and vr.upper.is_Integer:
+                hi = min(hi, int(vr.upper))
+            bounds[s] = (lo, max(lo, hi))
+        for _ in range(64):
+            if len(probes) > extra:
+                break
+            cand = {s: sympy.Integer(rng.randint(*bounds[s])) for s in symbols}
+            try:
+                ok = cand not in probes and feasible(cand)
+            except ValueError:  # a size that does not evaluate there
+                ok = False
+            if ok:
+                probes.append(cand)
+        return probes
+
+    def __call__(self, value: Tensor, sizes: dict | None = None) -> tuple:
+        """The outputs on ``value`` (moved to the input's device) at ``sizes``, on the CPU."""
         like = match.tensor_value(self.leaf)
+        args = []
+        for p in self.inputs:
+            if p is self.leaf:
+                args.append(value.to(device=like.device, dtype=like.dtype))
+            else:
+                args.append(_size(match.value(p), sizes or {}))
         with torch.no_grad():
-            out = self.module(value.to(device=like.device, dtype=like.dtype))
+            out = self.module(*args)
         return tuple(o.cpu() if isinstance(o, Tensor) else o for o in out)
 
     def constants(self) -> list[int]:
@@ -116,19 +293,30 @@ def _target_name(node: fx.Node) -> str:
     return (t if isinstance(t, str) else getattr(t, "__name__", str(t))).lower()
 
 
+def _is_tensor_size(p: fx.Node) -> bool:
+    """An int graph input that is static, or a symbolic size of an input tensor (dynamo records
+    where each graph input comes from; an int argument that dynamo made symbolic, such as a
+    window that changed between calls, is not one)."""
+    if isinstance(match.value(p), int):
+        return True
+    source = getattr(p.meta.get("grapharg"), "source", None)
+    return getattr(getattr(source, "prop", None), "name", None) == "SIZE"
+
+
 def subgraph(gm: fx.GraphModule, outputs: list[fx.Node]) -> Subgraph | str:
-    """The producing subgraph of ``outputs`` if it reads exactly one graph input, a 1-D integer
-    tensor of static length, and is made of deterministic function/method calls; else why not."""
+    """The producing subgraph of ``outputs`` if it reads exactly one tensor graph input, a 1-D
+    integer tensor, and otherwise only symbolic sizes (SymInt inputs of a dynamic-shape graph),
+    and is made of deterministic function/method calls; else why not."""
     seen: set[fx.Node] = set()
     stack = list(outputs)
-    leaves = []
+    leaves, sizes = [], []
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
         if n.op == "placeholder":
-            leaves.append(n)
+            (sizes if isinstance(match.value(n), (int, torch.SymInt)) else leaves).append(n)
             continue
         if n.op not in ("call_function", "call_method"):
             return f"the mask depends on {n.op} {n.name} (only tensor arithmetic is probed)"
@@ -137,20 +325,28 @@ def subgraph(gm: fx.GraphModule, outputs: list[fx.Node]) -> Subgraph | str:
         stack.extend(n.all_input_nodes)
     if len(leaves) != 1:
         names = ", ".join(sorted(p.name for p in leaves)) or "nothing"
-        return (f"the mask reads {len(leaves)} graph inputs ({names}); expected only the "
-                f"offsets (a window or shape given at run time, a float or dynamic-shape mask)")
+        return (f"the mask reads {len(leaves)} tensor graph inputs ({names}); expected only "
+                f"the offsets (a window given at run time, a float mask)")
     leaf = leaves[0]
     v = match.tensor_value(leaf)
     if v is None or v.dim() != 1 or v.dtype not in _INDEX:
         return f"the mask's input {leaf.name} is not a 1-D int32/int64 tensor"
-    if not isinstance(v.shape[0], int):
-        return f"the mask's input {leaf.name} has a dynamic length"
-    for n in seen:
-        for o in (match.value(n),) if n is not leaf else ():
-            if isinstance(o, Tensor) and any(not isinstance(s, int) for s in o.shape):
-                return f"dynamic shapes in the mask subgraph ({n.name})"
+    loose = [p.name for p in sizes if not _is_tensor_size(p)]
+    if loose:
+        return (f"the mask reads integer graph inputs that are not tensor sizes "
+                f"({', '.join(sorted(loose))}): a window or size given at run time")
+    values = [match.value(n) for n in seen]
+    symbols = set().union(*(_symbols_of(x) for x in values))
+    env = _shape_env(values)
+    if symbols:
+        known = env.backed_var_to_val if env is not None else {}
+        unbacked = sorted(str(s) for s in symbols if s not in known)
+        if unbacked:
+            return f"data-dependent sizes in the mask subgraph ({', '.join(unbacked)})"
+    if any(isinstance(x, (torch.SymFloat, torch.SymBool)) for x in values):
+        return "symbolic floats or booleans in the mask subgraph"
     nodes = [n for n in gm.graph.nodes if n in seen]
-    return Subgraph(gm, outputs, leaf, nodes)
+    return Subgraph(gm, outputs, leaf, nodes, values, env)
 
 
 def _bounded_layout(n_parts: int, total: int, low: int, high: int, gen: torch.Generator
@@ -233,7 +429,7 @@ def _unrepeat(k: fx.Node, n_heads: int) -> fx.Node:
         dim = match.arg(k, 2, "dim")
         sv = match.tensor_value(src)
         if (isinstance(reps, int) and dim == 1 and sv is not None and sv.dim() == 4
-                and sv.shape[1] * reps == n_heads and "output_size" not in k.kwargs):
+                and _same(sv.shape[1] * reps, n_heads) and "output_size" not in k.kwargs):
             return src
     return k
 
@@ -250,28 +446,66 @@ class _Cache:
         return self.results[key]
 
 
-def prove_window_mask(gm: fx.GraphModule, mask: fx.Node, n: int) -> tuple[fx.Node, int] | str:
+def prove_window_mask(gm: fx.GraphModule, mask: fx.Node, n) -> tuple[fx.Node, int] | str:
     """``(offsets node, window)`` if ``mask`` is the document sliding-window mask of a [D+1]
-    offsets input, else the reason."""
+    offsets input over ``n`` (an int, or a SymInt in a dynamic-shape graph) bytes, else the
+    reason."""
     sub = subgraph(gm, [mask])
     if isinstance(sub, str):
         return sub
-    leaf = match.tensor_value(sub.leaf)
+    length = match.tensor_value(sub.leaf).shape[0]
+    why = sub.include(n)
+    if why:
+        return why
     gen = torch.Generator().manual_seed(0)
-    layouts = _doc_layouts(leaf.shape[0] - 1, n, gen)
-    if not layouts:
-        return "the mask's input cannot be a [D + 1] offsets tensor (it is empty)"
-    try:
-        values = [sub(lay)[0] for lay in layouts]
-    except Exception as e:  # noqa: BLE001  (not an offsets function at all)
-        return f"evaluating the mask on probe offsets failed ({type(e).__name__}: {e})"
-    if any(not isinstance(x, Tensor) or x.dtype != torch.bool or tuple(x.shape) != (n, n)
-           for x in values):
-        return "the mask evaluated on probe offsets is not a [T, T] bool tensor"
-    for window in sub.constants():
-        if all(torch.equal(x, window_definition(lay, n, window))
-               for x, lay in zip(values, layouts)):
-            return sub.leaf, window
+    evaluated: list[tuple[int, list[Tensor], list[Tensor]]] = []  # (T, layouts, masks)
+
+    def evaluate(sizes: dict) -> str | None:
+        try:
+            t, n_docs = _size(n, sizes), _size(length, sizes) - 1
+        except ValueError as e:
+            return str(e)
+        layouts = _doc_layouts(n_docs, t, gen)
+        if not layouts:
+            return "the mask's input cannot be a [D + 1] offsets tensor (it is empty)"
+        try:
+            values = [sub(lay, sizes)[0] for lay in layouts]
+        except Exception as e:  # noqa: BLE001  (not an offsets function at all)
+            return f"evaluating the mask on probe offsets failed ({type(e).__name__}: {e})"
+        if any(not isinstance(x, Tensor) or x.dtype != torch.bool or tuple(x.shape) != (t, t)
+               for x in values):
+            return "the mask evaluated on probe offsets is not a [T, T] bool tensor"
+        evaluated.append((t, layouts, values))
+        return None
+
+    for sizes in sub.size_probes(lambda s: _size(length, s) >= 2):
+        why = evaluate(sizes)
+        if why:
+            return why
+
+    def fitting() -> list[int]:
+        return [w for w in sub.constants()
+                if all(torch.equal(x, window_definition(lay, t, w))
+                       for t, layouts, values in evaluated for x, lay in zip(values, layouts))]
+
+    fits = fitting()
+    # a dynamic T: two windows that both fit every probe differ once T exceeds the smaller, so
+    # probe at that T until one window is left (a static T needs no such probe: any window
+    # >= T gives the same mask there)
+    rounds = 0
+    while sub.dynamic and len(fits) > 1:
+        t_expr = _expr(n)
+        if rounds == 4 or not isinstance(t_expr, sympy.Symbol) or fits[0] + 1 > _MAX_PROBE_T:
+            return (f"the window is ambiguous: constants {fits} all fit at the probe sizes and "
+                    f"a larger probe T is not available")
+        sizes = dict(sub.hints())
+        sizes[t_expr] = sympy.Integer(fits[0] + 1)
+        why = evaluate(sizes)
+        if why:
+            return why
+        fits, rounds = fitting(), rounds + 1
+    if fits:
+        return sub.leaf, fits[0]
     return ("the mask is not the causal sliding-window document mask of its offsets input "
             f"({sub.leaf.name}) for any window among the graph's constants {sub.constants()}")
 
@@ -309,9 +543,9 @@ class WindowAttentionPass(GraphPass):
                 continue
             qv, kv, vv = (match.tensor_value(x) for x in (q, k, v))
             n = qv.shape[-2]
-            if qv.dim() < 3 or kv.shape[-2] != n or vv.shape[-2] != n or mv.dtype != torch.bool \
-                    or tuple(mv.shape) != (n, n) or not isinstance(n, int):
-                ctx.skip(node, "not self-attention with a static [T, T] bool mask")
+            if qv.dim() < 3 or not _same(kv.shape[-2], n) or not _same(vv.shape[-2], n) \
+                    or mv.dtype != torch.bool or not all(_same(s, n) for s in mv.shape):
+                ctx.skip(node, "not self-attention with a [T, T] bool mask")
                 continue
             proof = cache.get((mask,), lambda m=mask, n=n: prove_window_mask(gm, m, n))
             if isinstance(proof, str):
@@ -347,40 +581,55 @@ def _ancestors(nodes) -> list[fx.Node]:
 
 # -- word pooling -----------------------------------------------------------------------------
 
-def prove_word_grid(gm: fx.GraphModule, index: fx.Node, mask: fx.Node, n: int
+def prove_word_grid(gm: fx.GraphModule, index: fx.Node, mask: fx.Node, n
                     ) -> fx.Node | str:
     """The ``word_offsets`` node if ``index`` ``[W, L]`` and ``mask`` (``[W, 1|H, 1, L]``) are
     the padded word grid of a [W + 1] offsets input over ``n`` bytes, else the reason."""
     sub = subgraph(gm, [index, mask])
     if isinstance(sub, str):
         return sub
-    leaf = match.tensor_value(sub.leaf)
+    length = match.tensor_value(sub.leaf).shape[0]
     iv, mv = match.tensor_value(index), match.tensor_value(mask)
-    n_words, width = iv.shape
-    if leaf.shape[0] != n_words + 1:
+    if not _same(length, iv.shape[0] + 1):
         return f"the word grid's input {sub.leaf.name} is not [W + 1] offsets"
+    why = sub.include(n, *iv.shape, *mv.shape)
+    if why:
+        return why
+
+    def fits(sizes: dict) -> bool:  # a layout of W words of 1..L bytes covers T bytes
+        n_words, width, t = (_size(s, sizes) for s in (iv.shape[0], iv.shape[1], n))
+        return n_words >= 1 and n_words <= t <= n_words * width
+
     gen = torch.Generator().manual_seed(0)
-    layouts = [_bounded_layout(n_words, n, 1, width, gen) for _ in range(_N_PROBES)]
-    layouts += [_bounded_layout(n_words, n, lo, hi, gen)
-                for lo, hi in ((1, 1), (width, width), (1, max(1, width // 2)))]
-    layouts = [x for x in layouts if x is not None]
-    if not layouts:
-        return "no word layout fits T, W and L (T < W or T > W * L)"
-    cols = torch.arange(width)
-    for lay in layouts:
+    for sizes in sub.size_probes(fits):
         try:
-            got_index, got_mask = sub(lay)
-        except Exception as e:  # noqa: BLE001
-            return f"evaluating the word grid on probe offsets failed ({type(e).__name__}: {e})"
-        want = cols < lay.diff()[:, None]
-        if got_mask.dtype != torch.bool or tuple(got_mask.shape) != tuple(mv.shape) \
-                or not torch.equal(got_mask[:, :, 0, :],
-                                   want[:, None, :].expand(-1, got_mask.shape[1], -1)):
-            return "the key mask is not the word-length mask of the word offsets"
-        starts = (lay[:-1, None] + cols).expand_as(got_index)
-        if not torch.equal(got_index[want], starts[want]) or got_index.min() < 0 \
-                or got_index.max() >= n:
-            return "the gathered byte indices are not the word offsets' grid"
+            n_words, width, t = (_size(s, sizes) for s in (iv.shape[0], iv.shape[1], n))
+            mask_shape = tuple(_size(s, sizes) for s in mv.shape)
+        except ValueError as e:
+            return str(e)
+        layouts = [_bounded_layout(n_words, t, 1, width, gen) for _ in range(_N_PROBES)]
+        layouts += [_bounded_layout(n_words, t, lo, hi, gen)
+                    for lo, hi in ((1, 1), (width, width), (1, max(1, width // 2)))]
+        layouts = [x for x in layouts if x is not None]
+        if not layouts:
+            return "no word layout fits T, W and L (T < W or T > W * L)"
+        cols = torch.arange(width)
+        for lay in layouts:
+            try:
+                got_index, got_mask = sub(lay, sizes)
+            except Exception as e:  # noqa: BLE001
+                return (f"evaluating the word grid on probe offsets failed "
+                        f"({type(e).__name__}: {e})")
+            want = cols < lay.diff()[:, None]
+            if got_mask.dtype != torch.bool or tuple(got_mask.shape) != mask_shape \
+                    or tuple(got_index.shape) != (n_words, width) \
+                    or not torch.equal(got_mask[:, :, 0, :],
+                                       want[:, None, :].expand(-1, got_mask.shape[1], -1)):
+                return "the key mask is not the word-length mask of the word offsets"
+            starts = (lay[:-1, None] + cols).expand_as(got_index)
+            if not torch.equal(got_index[want], starts[want]) or got_index.min() < 0 \
+                    or got_index.max() >= t:
+                return "the gathered byte indices are not the word offsets' grid"
     return sub.leaf
 
 
@@ -406,7 +655,7 @@ def _query(q: fx.Node) -> fx.Node:
     if match.is_op(q, (torch.Tensor.expand,), ("expand",)):
         src = q.args[0]
         sv = match.tensor_value(src)
-        if sv is not None and sv.dim() == 4 and sv.shape[0] == 1:
+        if sv is not None and sv.dim() == 4 and _same(sv.shape[0], 1):
             return src
     return q
 
@@ -439,16 +688,17 @@ class WordPoolPass(GraphPass):
                 continue
             kbv, vbv = match.tensor_value(kb), match.tensor_value(vb)
             n_words, width = match.tensor_value(index).shape
+            if qv.dim() != 4 or mv.dtype != torch.bool:
+                ctx.skip(node, "q is not [W, H, 1, hd] or the mask is not bool")
+                continue
             h = qv.shape[1]
-            if qv.dim() != 4 or tuple(qv.shape) != (n_words, h, 1, qv.shape[3]) \
-                    or kbv.shape[1] != h or vbv.shape[1] != h or kbv.shape[0] != vbv.shape[0] \
-                    or mv.shape[0] != n_words or mv.shape[2] != 1 or mv.shape[3] != width \
-                    or mv.shape[1] not in (1, h) or mv.dtype != torch.bool:
+            if not (_same(qv.shape[0], n_words) and _same(qv.shape[2], 1)
+                    and _same(kbv.shape[1], h) and _same(vbv.shape[1], h)
+                    and _same(kbv.shape[0], vbv.shape[0]) and _same(mv.shape[0], n_words)
+                    and _same(mv.shape[2], 1) and _same(mv.shape[3], width)
+                    and (_same(mv.shape[1], 1) or _same(mv.shape[1], h))):
                 ctx.skip(node, "shapes are not q [W, H, 1, hd], k/v [W, H, L, hd], mask "
                                "[W, 1, 1, L] bool")
-                continue
-            if not all(isinstance(s, int) for s in (*qv.shape, *kbv.shape, width)):
-                ctx.skip(node, "dynamic shapes")
                 continue
             proof = cache.get((index, mask), lambda i=index, m=mask, t=kbv.shape[0]:
                               prove_word_grid(gm, i, m, t))
@@ -472,38 +722,178 @@ class WordPoolPass(GraphPass):
 
 # -- guide add --------------------------------------------------------------------------------
 
-def prove_byte_words(gm: fx.GraphModule, index: fx.Node, n_words: int) -> fx.Node | str:
+def prove_byte_words(gm: fx.GraphModule, index: fx.Node, n_words) -> fx.Node | str:
     """The ``word_offsets`` node if ``index`` ``[T]`` is each byte's word under a [W + 1]
     offsets input (empty words allowed), else the reason."""
     sub = subgraph(gm, [index])
     if isinstance(sub, str):
         return sub
-    leaf = match.tensor_value(sub.leaf)
+    length = match.tensor_value(sub.leaf).shape[0]
     n = match.tensor_value(index).shape[0]
-    if leaf.shape[0] != n_words + 1:
+    if not _same_or_guard(length, n_words + 1):
         return f"the byte-to-word index's input {sub.leaf.name} is not [W + 1] offsets"
+    why = sub.include(n)
+    if why:
+        return why
     gen = torch.Generator().manual_seed(0)
-    layouts = [_bounded_layout(n_words, n, lo, n, gen) for lo in (1, 1, 1, 0, 0, 0)]
-    layouts = [x for x in layouts if x is not None]
-    if not layouts:
-        return "no word layout fits T and W"
-    for lay in layouts:
+    for sizes in sub.size_probes(lambda s: _size(length, s) >= 2):
         try:
-            (got,) = sub(lay)
-        except Exception as e:  # noqa: BLE001
-            return f"evaluating the byte-to-word index failed ({type(e).__name__}: {e})"
-        want = torch.repeat_interleave(torch.arange(n_words), lay.diff())
-        if not isinstance(got, Tensor) or not torch.equal(got.to(torch.int64), want):
-            return "the gather index is not the word of each byte under the word offsets"
+            t, w = _size(n, sizes), _size(length, sizes) - 1
+        except ValueError as e:
+            return str(e)
+        layouts = [_bounded_layout(w, t, lo, t, gen) for lo in (1, 1, 1, 0, 0, 0)]
+        layouts = [x for x in layouts if x is not None]
+        if not layouts:
+            return "no word layout fits T and W"
+        for lay in layouts:
+            try:
+                (got,) = sub(lay, sizes)
+            except Exception as e:  # noqa: BLE001
+                return f"evaluating the byte-to-word index failed ({type(e).__name__}: {e})"
+            want = torch.repeat_interleave(torch.arange(w), lay.diff())
+            if not isinstance(got, Tensor) or not torch.equal(got.to(torch.int64), want):
+                return "the gather index is not the word of each byte under the word offsets"
     return sub.leaf
+
+
+_RMS_NORM = torch.ops.aa.rms_norm.default
+
+
+@dataclasses.dataclass
+class NormUse:
+    """An RMSNorm of the guided sum ``y`` (through reshapes and exact casts): ``aa::rms_norm``
+    from the rms_norm pass, or a form that pass matches, with its guard holding."""
+
+    node: fx.Node  # the norm (aa::rms_norm, or the rsqrt/sqrt/F.rms_norm it was matched at)
+    output: fx.Node  # its uses go to the fused op's ``normed``
+    weight: fx.Node | None
+    eps: float | fx.Node  # a node when dynamo made eps a symbolic float
+    out_dtype: torch.dtype
+    nodes: list[fx.Node]  # the norm's own nodes (erased once unused)
+    chain: list[fx.Node]  # the reshapes/casts from y to the norm's input
+
+
+def decomposed_norms(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, RMSNormMatch]]:
+    """The RMSNorms the rms_norm pass would rewrite but that are still spelled out (that pass
+    disabled, or run after this one), by input node."""
+    found = {}
+    for node in gm.graph.nodes:
+        if match.is_op(node, (torch.rsqrt, torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt),
+                       ("rsqrt", "sqrt")):
+            m = _match_decomposed(node)
+        else:
+            m = _match_functional(node)
+        if isinstance(m, RMSNormMatch) and _guard(m) is None:
+            found.setdefault(m.x, (node, m))
+    return found
+
+
+def _exact_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes ``y`` may be cast to on its way to the norm without changing what the fused
+    op computes: its own, and float32 for a half type (an exact upcast; the op normalizes
+    half types in float32 too)."""
+    return (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
+
+
+def _passthrough(user: fx.Node, y: Tensor) -> str | None:
+    """``"exact"`` if ``user`` keeps ``y``'s elements in order (a reshape/view with the last
+    dimension kept, ``t[0]`` of a leading 1, or an exact cast), ``"cast"`` for another cast
+    (followed, so that a norm behind it is reported, but not fused), else None."""
+    uv = match.tensor_value(user)
+    if uv is None or uv.dim() < 1 or not _same(uv.shape[-1], y.shape[-1]) \
+            or not _same(uv.numel(), y.numel()):
+        return None
+    if match.is_op(user, (torch.reshape, torch.Tensor.reshape, torch.Tensor.view),
+                   ("reshape", "view")):
+        return "exact"
+    if user.op == "call_function" and user.target is operator.getitem \
+            and type(user.args[1]) is int and user.args[1] == 0:
+        src = match.tensor_value(user.args[0])
+        ok = src is not None and src.dim() >= 2 and _same(src.shape[0], 1)
+        return "exact" if ok else None
+    if _is_cast(user):
+        return "exact" if uv.dtype in _exact_dtypes(y.dtype) else "cast"
+    return None
+
+
+def find_norm(y: fx.Node, decomposed: dict) -> NormUse | str | None:
+    """The first RMSNorm (graph order) that reads the guided sum ``y`` through reshapes and
+    exact casts; a reason when there is one but a guard fails; None when there is none."""
+    yv = match.tensor_value(y)
+    chain, frontier, why = [], [y], None
+    order = {n: i for i, n in enumerate(y.graph.nodes)}
+    candidates, recast = [], set()  # recast: reached through an inexact cast
+    while frontier:
+        c = frontier.pop()
+        for u in c.users:
+            if u.op == "call_function" and u.target is _RMS_NORM and u.args[0] is c:
+                candidates.append((c, u, None))
+            elif u not in chain and (kind := _passthrough(u, yv)):
+                chain.append(u)
+                frontier.append(u)
+                if kind == "cast" or c in recast:
+                    recast.add(u)
+        if c in decomposed:
+            root, m = decomposed[c]
+            candidates.append((c, root, m))
+    for c, norm, m in sorted(candidates, key=lambda x: order[x[1]]):
+        cv = match.tensor_value(c)
+        if c in recast:
+            why = why or (f"it reads the sum cast to another precision ({yv.dtype} -> "
+                          f"{cv.dtype}; the op normalizes {yv.dtype} in its own precision)")
+            continue
+        if m is None:
+            weight, eps = match.arg(norm, 1, "weight"), match.arg(norm, 2, "eps")
+            output, nodes = norm, [norm]
+        else:
+            weight, eps, output, nodes = m.weight, m.eps, m.output, list(m.interior)
+        ov = match.tensor_value(output)
+        wv = match.tensor_value(weight) if weight is not None else None
+        if ov is None or ov.dtype not in _FLOAT or ov.dim() != cv.dim() \
+                or not all(_same(a, b) for a, b in zip(ov.shape, cv.shape)):
+            why = why or "the norm's output is not a float tensor of its input's shape"
+        elif cv.dtype not in _exact_dtypes(yv.dtype):
+            why = why or (f"the norm reads the guided sum as {cv.dtype}, not {yv.dtype}"
+                          f"{' or float32' if yv.dtype in (torch.float16, torch.bfloat16) else ''}")
+        elif weight is not None and (wv is None or wv.dim() != 1 or wv.dtype not in _FLOAT
+                                     or not _same(wv.shape[0], yv.shape[-1])
+                                     or wv.device != yv.device):
+            why = why or "the norm's weight is not a 1-D float tensor of width d on y's device"
+        elif isinstance(eps, fx.Node):
+            if not isinstance(match.value(eps), (float, torch.SymFloat)):
+                why = why or "the norm's eps is not a float"
+            else:
+                return NormUse(norm, output, weight, eps, ov.dtype, nodes, chain)
+        elif not match.is_number(eps) or not math.isfinite(eps) or eps < 0:
+            why = why or f"the norm's eps {eps!r} is not a finite number >= 0"
+        else:
+            return NormUse(norm, output, weight, float(eps), ov.dtype, nodes, chain)
+    return why
+
+
+def _hoist(value, before: fx.Node) -> bool:
+    """Make ``value`` (a node, or not a node) available at ``before``: true when it already
+    is, or it was moved there (a call whose inputs all come before ``before``)."""
+    if not isinstance(value, fx.Node):
+        return True
+    order = {n: i for i, n in enumerate(before.graph.nodes)}
+    if order[value] < order[before]:
+        return True
+    if value.op not in ("call_function", "call_method") \
+            or any(order[a] >= order[before] for a in value.all_input_nodes):
+        return False
+    before.prepend(value)
+    return True
 
 
 class GuideAddPass(GraphPass):
     name = "hat_guide_add"
-    description = ("x + g[byte_word] with a proven byte-to-word index -> aa::guide_add")
+    description = ("x + g[byte_word] with a proven byte-to-word index -> aa::guide_add, or "
+                   "aa::guide_add_rms_norm when an RMSNorm reads the sum")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         graph, cache = gm.graph, _Cache()
+        decomposed = decomposed_norms(gm)
         for node in list(graph.nodes):
             if not match.is_add(node) or len(node.args) != 2 or node.kwargs:
                 continue
@@ -526,26 +916,54 @@ class GuideAddPass(GraphPass):
                 ctx.skip(node, why.replace("q, k, v", "x and the guide"))
                 continue
             n, d = match.tensor_value(index).shape[0], gv.shape[1]
-            shapes = (*xv.shape, *gv.shape, n)
-            if not all(isinstance(s, int) for s in shapes):
-                ctx.skip(node, "dynamic shapes")
-                continue
-            if xv.dim() < 2 or tuple(xv.shape[-2:]) != (n, d) or xv.numel() != n * d \
-                    or tuple(ov.shape) != tuple(xv.shape):
+            if ov is None or ov.dtype != xv.dtype or xv.dim() < 2 or not isinstance(d, int) \
+                    or d < 1 or not _same(xv.shape[-2], n) or not _same(xv.shape[-1], d) \
+                    or not all(_same(s, 1) for s in xv.shape[:-2]) \
+                    or len(ov.shape) != len(xv.shape) \
+                    or not all(_same(a, b) for a, b in zip(ov.shape, xv.shape)):
                 ctx.skip(node, "x is not [(1, ...,) T, d] with T bytes and the guide's width d")
                 continue
-            proof = cache.get((index, gv.shape[0]),
+            out_shape = _shape_arg(xv.shape)
+            if out_shape is None:
+                ctx.skip(node, "x has more than one symbolic dimension")
+                continue
+            proof = cache.get((index, str(gv.shape[0])),
                               lambda i=index, w=gv.shape[0]: prove_byte_words(gm, i, w))
             if isinstance(proof, str):
                 ctx.skip(node, proof)
                 continue
+            norm = find_norm(node, decomposed)
+            if isinstance(norm, NormUse):
+                norm_shape = _shape_arg(match.tensor_value(norm.output).shape)
+                if norm_shape is None:
+                    norm = "the norm's output has more than one symbolic dimension"
+                elif not (_hoist(norm.weight, node) and _hoist(norm.eps, node)):
+                    norm = "the norm's weight or eps is computed after the guided sum"
+            if isinstance(norm, str):
+                ctx.skip(node, f"kept the unfused aa::guide_add: an RMSNorm reads the sum, "
+                               f"but {norm}")
             with graph.inserting_before(node):
-                x2 = graph.call_method("reshape", (x, n, d))
-                y = graph.call_function(torch.ops.aa.guide_add.default, (x2, g, proof))
-                out = graph.call_method("reshape", (y, tuple(xv.shape)))
+                x2 = graph.call_method("reshape", (x, -1 if not isinstance(n, int) else n, d))
+                if isinstance(norm, NormUse):
+                    fused = graph.call_function(
+                        torch.ops.aa.guide_add_rms_norm.default,
+                        (x2, g, proof, norm.weight, norm.eps), {"out_dtype": norm.out_dtype})
+                    y = graph.call_function(operator.getitem, (fused, 0))
+                    normed = graph.call_function(operator.getitem, (fused, 1))
+                    n_out = graph.call_method("reshape", (normed, norm_shape))
+                    n_out.meta.update(norm.output.meta)
+                else:
+                    y = graph.call_function(torch.ops.aa.guide_add.default, (x2, g, proof))
+                out = graph.call_method("reshape", (y, out_shape))
             out.meta.update(node.meta)
             node.replace_all_uses_with(out)
             graph.erase_node(node)
+            if isinstance(norm, NormUse):
+                norm.output.replace_all_uses_with(n_out)
+                _erase_dead(graph, norm.nodes + norm.chain)
+                alive = set(graph.nodes)
+                decomposed = {k: v for k, v in decomposed.items()
+                              if k in alive and v[0] in alive}
             ctx.rewrote(out)
             _erase_dead(graph, _ancestors([gathered]))
         gm.recompile()

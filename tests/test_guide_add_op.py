@@ -164,3 +164,44 @@ def test_bad_inputs_raise_value_error(args, match):
 def test_bad_norm_inputs(weight, eps, kwargs, match):
     with pytest.raises(ValueError, match=match):
         NORM(*_args(), weight, eps, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["float32, both outputs", "bfloat16, normed only"])
+def test_inductor_decomposition_on_cpu_matches_the_kernels(case):
+    """Under inductor on CPU the fused op and its backward are decomposed into aa::guide_add,
+    aa::guide_add_backward and RMSNorm math that inductor generates: the compiled code calls
+    the plain ops and not the fused ones, and its outputs and gradients equal the eager
+    kernels' (the same definition: y rounded first, one rounding of each output)."""
+    from torch._inductor.utils import run_and_get_code
+
+    import aa_compile  # noqa: F401  (installs the decompositions)
+
+    both = case.startswith("float32")
+    p = (Problem((3, 1, 0, 9, 2), 24, torch.float32, torch.float32, None, 1e-6, 5) if both
+         else Problem((2, 5, 1), 16, torch.bfloat16, torch.float32, torch.float32, 1e-5, 6))
+    x, g, offsets, w, gy, gn = p.make()
+
+    def f(a, b, c):
+        return NORM(a, b, offsets, c, p.eps, p.out_dtype)
+
+    def run(fn, leaves):
+        y, normed = fn(*leaves)
+        if both:
+            torch.autograd.backward([y, normed], [gy, gn])
+        else:
+            normed.backward(gn)
+        return y, normed
+
+    torch._dynamo.reset()
+    got_leaves, want_leaves = [_leaf(t) for t in (x, g, w)], [_leaf(t) for t in (x, g, w)]
+    got, code = run_and_get_code(run, torch.compile(f, backend="inductor"), got_leaves)
+    want = run(f, want_leaves)
+    code = "\n".join(code)
+    assert "ops.aa.guide_add_rms_norm" not in code  # (not called; names and comments stay)
+    assert "aa.guide_add.default" in code and "aa.guide_add_backward.default" in code
+    tol = ({"rtol": 1e-5, "atol": 1e-6} if both else {"rtol": 2 * 2**-8, "atol": 1e-2})
+    for a, e in zip(got, want):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, **tol)
+    for a, e in zip(got_leaves, want_leaves):
+        torch.testing.assert_close(a.grad, e.grad, **tol)

@@ -32,7 +32,10 @@ rms_norm_backward(grad_normed)`` in float32. The backward ops return an empty te
 
 Kernels: CPU (and CUDA float64), gather into the output + in-place add, ``segment_reduce`` for
 ``dg``; CUDA, Triton with one program per word (its guide row loaded once). See
-``aa_compile.kernels.guide_add``.
+``aa_compile.kernels.guide_add``. Under inductor on CPU the fused op and its backward are
+decomposed into ``aa::guide_add`` / ``aa::guide_add_backward`` plus RMSNorm math that inductor
+generates (``kernels.guide_add.cpu.inductor_decompositions``); the pass ``hat_guide_add``
+(``passes/hat.py``) puts the fused op into HAT decoders.
 
 Input validation (``ValueError`` naming the argument): dtypes, shapes and devices always;
 ``word_offsets`` values on CPU always, elsewhere when `CHECK_OFFSETS` (environment
@@ -264,11 +267,14 @@ _KERNELS = {
     "reference": "aa_compile.kernels.guide_add.reference",
 }
 
-for _name, _op, _samp in (
-    ("aa::guide_add", torch.ops.aa.guide_add, _samples),
-    ("aa::guide_add_backward", torch.ops.aa.guide_add_backward, _backward_samples),
-    ("aa::guide_add_rms_norm", torch.ops.aa.guide_add_rms_norm, _norm_samples),
+for _name, _op, _samp, _decomp in (
+    ("aa::guide_add", torch.ops.aa.guide_add, _samples, None),
+    ("aa::guide_add_backward", torch.ops.aa.guide_add_backward, _backward_samples, None),
+    # (one table for the fused op and its backward)
+    ("aa::guide_add_rms_norm", torch.ops.aa.guide_add_rms_norm, _norm_samples,
+     kernels.cpu.inductor_decompositions),
     ("aa::guide_add_rms_norm_backward", torch.ops.aa.guide_add_rms_norm_backward,
-     _norm_backward_samples),
+     _norm_backward_samples, None),
 ):
-    register(OpEntry(name=_name, op=_op, kernels=_KERNELS, samples=_samp))
+    register(OpEntry(name=_name, op=_op, kernels=_KERNELS, samples=_samp,
+                     decompositions=_decomp))

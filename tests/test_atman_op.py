@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aa_compile.kernels.atman_attention import reference
+from aa_compile.kernels.atman_attention import cpu, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aa_compile.ops  # noqa: F401
 
 MODES = ["log_additive", "multiplicative"]
+
+
+@pytest.fixture(scope="module")
+def small_query_chunks():
+    """Query chunks of 2 rows, so that small cases run the chunked causal path."""
+    old, cpu.QUERY_CHUNK = cpu.QUERY_CHUNK, 2
+    yield
+    cpu.QUERY_CHUNK = old
 
 
 def _case(draw_shape, seed):
@@ -30,16 +38,60 @@ shapes = st.tuples(st.integers(1, 3), st.integers(1, 2), st.integers(1, 3), st.i
                    st.booleans())
 
 
+def _check(got, q, k, v, idx, fac, mode, causal, off, pk=None, pv=None):
+    """At least as close to the float64 reference as the float32 reference is (+ 1e-6)."""
+    d64 = (lambda t: None if t is None else t.double())
+    want = reference.atman_attention(q.double(), k.double(), v.double(), idx, fac, mode, causal,
+                                     off, None, d64(pk), d64(pv))
+    eager = reference.atman_attention(q, k, v, idx, fac, mode, causal, off, None, pk, pv)
+    err, err_eager = (got.double() - want).abs().max(), (eager.double() - want).abs().max()
+    assert err <= 4 * err_eager + 1e-6
+
+
 @settings(max_examples=30)
 @given(shape=shapes, seed=st.integers(0, 2**16), mode=st.sampled_from(MODES))
 def test_cpu_matches_reference(shape, seed, mode):
     q, k, v, idx, fac, causal, off = _case(shape, seed)
     got = torch.ops.aa.atman_attention(q, k, v, idx, fac, mode, causal, off)
-    want = reference.atman_attention(q.double(), k.double(), v.double(), idx, fac, mode, causal,
-                                      off, None)
-    eager = reference.atman_attention(q, k, v, idx, fac, mode, causal, off, None)
-    err, err_eager = (got.double() - want).abs().max(), (eager.double() - want).abs().max()
-    assert err <= 4 * err_eager + 1e-6
+    _check(got, q, k, v, idx, fac, mode, causal, off)
+
+
+prefix_cases = st.tuples(
+    st.integers(1, 3), st.integers(1, 2), st.integers(1, 3), st.integers(1, 19),
+    st.integers(0, 9),  # prefix length
+    st.integers(0, 5),  # own keys beyond the queries
+    st.sampled_from([1, 3, 8]),
+    st.sampled_from([8, 4]),  # value head size (!= query head size: the padded path)
+    st.integers(0, 4),  # suppression slots
+    st.booleans(),  # causal
+    st.booleans(),  # q_offset = prefix + extra (the explainer's shape) or smaller
+    st.booleans(),  # suppression only among the own keys (the explainer's case)
+    st.booleans(),  # tiny factors
+)
+
+
+@settings(max_examples=60)
+@given(case=prefix_cases, seed=st.integers(0, 2**16), mode=st.sampled_from(MODES))
+def test_cpu_prefix_matches_reference(case, seed, mode, small_query_chunks):
+    """A shared prefix (shared part, own part in query chunks, multiplicative's left-out keys,
+    the fallbacks) equals the reference on prefix + own keys."""
+    b, hkv, g, sq, n_pre, extra, d, dv, n, causal, aligned, own_only, tiny = case
+    gen = torch.Generator().manual_seed(seed)
+    n_own = sq + extra
+    sk = n_pre + n_own
+    q = torch.randn(b, hkv * g, sq, d, generator=gen)
+    k = torch.randn(b, hkv, n_own, d, generator=gen)
+    v = torch.randn(b, hkv, n_own, dv, generator=gen)
+    pk = torch.randn(1, hkv, n_pre, d, generator=gen) if n_pre else None
+    pv = torch.randn(1, hkv, n_pre, dv, generator=gen) if n_pre else None
+    off = n_pre + extra if aligned else int(torch.randint(0, n_pre + extra + 1, (1,), generator=gen))
+    lo = n_pre if own_only else -1
+    idx = torch.randint(max(lo, -1), sk, (b, n), generator=gen)
+    fac = torch.rand(b, n, generator=gen) * 0.95 + 0.05
+    if tiny:  # no cancellation however strong the suppression
+        fac = fac * 1e-5 + 1e-7
+    got = torch.ops.aa.atman_attention(q, k, v, idx, fac, mode, causal, off, None, pk, pv)
+    _check(got, q, k, v, idx, fac, mode, causal, off, pk, pv)
 
 
 @settings(max_examples=6)
@@ -79,15 +131,24 @@ def test_strongest_suppression_wins_and_prefix_unchanged():
     ({"idx": torch.tensor([[1.0]])}, "suppress_idx"),
     ({"k": torch.randn(1, 3, 6, 8), "v": torch.randn(1, 3, 6, 8)}, "multiple"),
     ({"q_offset": -1}, "q_offset"),
+    ({"pk": torch.randn(1, 2, 3, 8)}, "both prefix_k and prefix_v"),
+    ({"pk": torch.randn(2, 2, 3, 8), "pv": torch.randn(2, 2, 3, 8)}, "prefix_k"),
+    ({"pk": torch.randn(1, 1, 3, 8), "pv": torch.randn(1, 1, 3, 8)}, "prefix_k"),
+    ({"pk": torch.randn(1, 2, 3, 8), "pv": torch.randn(1, 2, 4, 8)}, "agree"),
+    ({"pk": torch.randn(1, 2, 3, 8).double(), "pv": torch.randn(1, 2, 3, 8)}, "prefix_k"),
+    ({"pk": torch.randn(1, 2, 3, 8), "pv": torch.randn(1, 2, 3, 8), "idx": torch.tensor([[9]])},
+     "suppress_idx"),
 ])
 def test_bad_inputs(change, match):
     args = {"q": torch.randn(1, 2, 6, 8), "k": torch.randn(1, 2, 6, 8),
             "v": torch.randn(1, 2, 6, 8), "idx": torch.tensor([[1]]),
-            "fac": torch.tensor([[0.5]]), "mode": "log_additive", "q_offset": 0}
+            "fac": torch.tensor([[0.5]]), "mode": "log_additive", "q_offset": 0,
+            "pk": None, "pv": None}
     args.update(change)
     with pytest.raises(ValueError, match=match):
         torch.ops.aa.atman_attention(args["q"], args["k"], args["v"], args["idx"], args["fac"],
-                                     args["mode"], True, args["q_offset"])
+                                     args["mode"], True, args["q_offset"], None, args["pk"],
+                                     args["pv"])
 
 
 def test_opcheck():

@@ -13,8 +13,13 @@ How the work is organised (see ``docs/atman.md``):
 2. A perturbation whose earliest suppressed position is ``p`` leaves every position ``< p``
    unchanged in every layer (causal attention; the suppression and the multiplicative mode's
    row minimum only involve keys a query can see). Perturbations are sorted by ``p`` and packed
-   into batches; a batch runs only positions ``min p .. S-1`` on top of the shared prefix.
-3. Batches are as large as ``max_memory`` allows (an estimate of activation bytes).
+   into batches; a batch runs only positions ``min p .. S-1``, its attention reading the
+   recorded keys/values of the positions before as one prefix shared by all its rows.
+3. Only the target rows need logits: the head (and, on the reference transformer, the last
+   layer's queries and MLP) runs on those rows only.
+4. A batch grows to about ``batch_tokens`` positions (few rows when the passes are long, so
+   little is recomputed before the rows' own first positions) within ``max_memory`` (an
+   estimate of activation bytes) and ``max_batch_size`` rows.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from .rewrite import AtmanAttentionMode
 MODES = ("log_additive", "multiplicative")
 DEFAULT_BUDGET = 1 << 30
 DEFAULT_MAX_BATCH = 32
+#: positions per batched forward a batch stops growing at (CPU; elsewhere x16): a few thousand
+#: rows keep the GEMMs efficient, and smaller batches recompute fewer positions before their
+#: rows' own first suppressed positions
+DEFAULT_BATCH_TOKENS = 2048
 
 
 def _model_kind(model) -> str:
@@ -169,7 +178,8 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
             layers: Sequence[int] | None = None, max_memory: int | None = None,
             progress: bool = True, tokenizer=None, attention_mask: Tensor | None = None,
             include_target: bool = False, prefix_sharing: bool = True,
-            max_batch_size: int = DEFAULT_MAX_BATCH) -> Explanation:
+            max_batch_size: int = DEFAULT_MAX_BATCH,
+            batch_tokens: int | None = None) -> Explanation:
     """Explain ``target`` (the continuation) by the prompt ``input_ids`` with AtMan.
 
     Args:
@@ -189,6 +199,8 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
         layers: indices of the attention calls (layers) to manipulate; None = all.
         max_memory: bytes of activation memory the batched forwards may use (an estimate);
             default 1 GiB and at most ``max_batch_size`` rows per forward.
+        batch_tokens: a batch stops growing once rows × positions reach this (default 2048 on
+            CPU, 32768 on other devices).
         include_target: also explain each target token by the target tokens before it.
         prefix_sharing: run perturbations only from their first suppressed position on
             (exact; False recomputes full sequences as the original does).
@@ -206,6 +218,10 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
             f"factor={factor} is out of range: it is the attention multiplier of a suppressed "
             f"token and must lie in {rng} for mode {mode!r} (e.g. 0.1)"
         )
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
+        raise ValueError(f"batch_tokens must be a positive int or None, got {batch_tokens!r}")
     if conceptual_threshold is not None and not 0.0 < conceptual_threshold <= 1.0:
         raise ValueError(f"conceptual_threshold must lie in (0, 1] or be None, got "
                          f"{conceptual_threshold!r}")
@@ -255,8 +271,7 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
     was_training = model.training
     model.eval()
     amode = AtmanAttentionMode(mode, set(layers) if layers is not None else None)
-    amode.prepend = kind == "hf"
-    amode.record = kind == "hf"
+    amode.prefix = amode.record = kind != "generic"
     try:
         with torch.no_grad():
             embeddings = None
@@ -266,32 +281,39 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
             with amode:
                 return _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels,
                             target_labels, mode, float(factor), conceptual_threshold,
-                            max_memory, max_batch_size, progress)
+                            max_memory, max_batch_size, batch_tokens, progress)
     finally:
         model.train(was_training)
 
 
-def _forward(model, kind: str, amode: AtmanAttentionMode, ids: Tensor, start: int,
-             base_cache, keep: int) -> Tensor:
+class _PrefixCache:
+    """Stands in for the reference transformer's ``KVCache`` in a suffix pass: ``length`` (the
+    pass's first position) shifts the model's RoPE positions, and ``update`` hands back only the
+    pass's own keys/values; the attention mode puts the recorded prefix in front of them (the
+    model's mask over prefix + own keys is checked to be causal)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return k, v
+
+
+def _forward(model, kind: str, ids: Tensor, start: int, keep: int) -> Tensor:
     """Logits of the last ``keep`` positions of ``ids`` (positions ``start..``); the head runs
     on those rows only where the model allows it (reference transformer, HF
     ``logits_to_keep``): for a short target most of a pass's head work is skipped."""
     b, length = ids.shape
     keep = max(1, min(keep, length))
     if kind == "reference":
-        cache = model.new_cache(b, start + length)
-        if start:
-            for layer in range(len(cache.k)):
-                cache.k[layer][:, :, :start] = base_cache.k[layer][:, :, :start]
-                cache.v[layer][:, :, :start] = base_cache.v[layer][:, :, :start]
-            cache.length = start
-        return _logits(model(ids, cache, logits_to_keep=keep)), cache
+        cache = _PrefixCache(start) if start else None
+        return _logits(model(ids, cache, logits_to_keep=keep))
     if kind == "hf":
         pos = torch.arange(start, start + length, device=ids.device).expand(b, -1)
         extra = {"logits_to_keep": keep} if _takes(model, "logits_to_keep") else {}
         out = _logits(model(input_ids=ids, position_ids=pos, use_cache=False, **extra))
-        return out[:, -keep:], None
-    return _logits(model(ids))[:, -keep:], None
+        return out[:, -keep:]
+    return _logits(model(ids))[:, -keep:]
 
 
 def _takes(model, name: str) -> bool:
@@ -302,10 +324,10 @@ def _takes(model, name: str) -> bool:
 
 
 def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, target_labels,
-         mode, factor, conceptual_threshold, max_memory, max_batch_size, progress):
+         mode, factor, conceptual_threshold, max_memory, max_batch_size, batch_tokens, progress):
     device = seq.device
     amode.begin("record", 0, S)
-    base_logits, base_cache = _forward(model, kind, amode, seq[None], 0, None, S - (P - 1))
+    base_logits = _forward(model, kind, seq[None], 0, S - (P - 1))
     n_calls = amode.calls
     if n_calls == 0:
         raise ValueError(
@@ -317,21 +339,23 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
     vocab = base_logits.shape[-1]
     del base_logits
 
-    # memory model (bytes, float32): per row of a pass over L positions
+    # memory model (bytes): the recorded keys/values (shared by every batch) plus, per row of
+    # a pass over `length` positions, its activations (hidden states, q/k/v, the MLP's
+    # intermediate), the attention mask of its own keys and its logits rows
     p = next(model.parameters())
     esz = p.element_size()
-    hid = getattr(getattr(model, "config", None), "hidden_size", None) or getattr(
-        getattr(model, "config", None), "d_model", None) or 1024
-    n_layers = max(1, n_calls)
+    cfg = getattr(model, "config", None)
+    hid = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or 1024
+    ffn = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None)
+           or getattr(cfg, "n_inner", None) or 4 * hid)
+    fixed = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in amode.kv)
 
     def row_bytes(length: int) -> int:
-        kv = 2 * n_layers * S * hid * esz  # prefix copy / cache per row
-        act = 16 * length * hid * esz + 4 * length * vocab
-        scores = 4 * length * min(S, 4096) * 8  # score tiles, generous
-        return kv + act + scores
+        act = esz * length * (16 * hid + 3 * ffn)
+        return act + 4 * length * length + 8 * T * vocab
 
-    fixed = 2 * n_layers * S * hid * esz
-    starts = [min(s) if (s and kind != "generic") else 0 for s in specs]
+    lowest = [min(s) if s else 0 for s in specs]  # first position a perturbation changes
+    starts = [p if kind != "generic" else 0 for p in lowest]
     order = sorted(range(len(specs)), key=lambda i: starts[i])
     budget = max_memory if max_memory is not None else DEFAULT_BUDGET
     worst = fixed + row_bytes(S - starts[order[0]]) if order else 0
@@ -341,11 +365,14 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
             f"{worst} bytes are needed for {S} positions; raise max_memory"
         )
     batches: list[list[int]] = []
+    if batch_tokens is None:
+        batch_tokens = DEFAULT_BATCH_TOKENS * (1 if device.type == "cpu" else 16)
     for i in order:
         if batches:
             cur = batches[-1]
             length = S - starts[cur[0]]
-            if len(cur) < max_batch_size and fixed + (len(cur) + 1) * row_bytes(length) <= budget:
+            if (len(cur) < max_batch_size and len(cur) * length < batch_tokens
+                    and fixed + (len(cur) + 1) * row_bytes(length) <= budget):
                 cur.append(i)
                 continue
         batches.append([i])
@@ -369,14 +396,17 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
         amode.begin("perturb", start, length, (idx.to(device), fac.to(device)))
         ids = seq[start:][None].expand(len(batch), -1)
         first = max(0, start - (P - 1))  # first target whose logits row was recomputed
-        rows, _ = _forward(model, kind, amode, ids, start, base_cache, S - (P - 1 + first))
+        rows = _forward(model, kind, ids, start, S - (P - 1 + first))
         if amode.calls != n_calls:
             raise RuntimeError(f"the model made {amode.calls} attention calls in a perturbed "
                                f"pass but {n_calls} in the unperturbed one")
         ce = _target_ce(rows, tgt[first:])  # [B, T - first]
         delta = (base_ce[first:][None] - ce).float().cpu()
         for r, i in enumerate(batch):
-            scores[first:, i] = delta[r]
+            # targets predicted before the row's own first suppressed position are unchanged
+            # (exactly 0; the batch recomputed them only because it starts earlier)
+            own = max(first, lowest[i] - (P - 1))
+            scores[own:, i] = delta[r, own - first:]
         computed += len(batch) * length
         if bar is not None:
             bar.update(len(batch))

@@ -10,13 +10,17 @@ compile cost; the model is not modified.
 
 The mode also implements prefix sharing. In the *record* pass (the unperturbed forward) it
 keeps each call's keys/values (call ``c`` of the forward is "layer" ``c``). In a *suffix* pass
-the model runs only on positions ``start..S-1``; the mode then
-- prepends the recorded keys/values of positions ``< start`` when the model passed only the
-  suffix's own keys (HF models run with ``position_ids``), or
-- uses the keys as given when the model's own KV cache already holds them (reference
-  transformer), and in both cases sets ``q_offset = Sk - Sq``.
-The model's mask is not used (a causal mask is re-derived from ``q_offset``); the mode checks
-that what the model asked for *is* causal and raises otherwise.
+the model runs only on positions ``start..S-1`` and passes only those positions' keys (HF
+models run with ``position_ids``; the reference transformer with a stand-in cache that shifts
+its RoPE positions and hands back the pass's own keys, see ``explain._PrefixCache``). The mode
+hands the recorded keys/values of positions ``< start`` to ``aa::atman_attention`` as its
+shared ``prefix_k``/``prefix_v`` (one ``[1, H, start, D]`` view for the whole batch, never
+copied per row) and sets ``q_offset``. A call may carry the queries of the pass's last ``n``
+positions only (the reference transformer's last layer under ``logits_to_keep``); they are
+aligned to the end of the keys. The model's mask is not used (a causal mask is
+re-derived from ``q_offset``); the mode checks that what the model asked for *is* causal
+(over its own keys, or over prefix + own keys where the model's mask covers both) and raises
+otherwise.
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ class AtmanAttentionMode(TorchFunctionMode):
 
     Attributes set by the explainer between forwards: ``phase`` (``"record"`` or ``"perturb"``),
     ``start`` (first position of the pass), ``length`` (positions in the pass), ``spec``
-    (``(suppress_idx [B, n], suppress_factor [B, n])``), ``prepend`` (whether the model passes
-    only the suffix's keys).
+    (``(suppress_idx [B, n], suppress_factor [B, n])``), ``prefix`` (whether the model passes
+    only the pass's own keys, so that the recorded keys of positions ``< start`` go in front),
+    ``record`` (whether the record pass keeps the keys/values).
     """
 
     def __init__(self, mode: str, layers: set[int] | None = None) -> None:
@@ -79,7 +84,7 @@ class AtmanAttentionMode(TorchFunctionMode):
         self.start = 0
         self.length = 0
         self.spec: tuple[Tensor, Tensor] | None = None
-        self.prepend = False
+        self.prefix = False
         self.record = True
         self.kv: list[tuple[Tensor, Tensor]] = []
         self.calls = 0
@@ -112,34 +117,44 @@ class AtmanAttentionMode(TorchFunctionMode):
         if packed:  # HF packs a single query's GQA heads as [B, Hkv, n_rep, D]
             q = q.reshape(q.shape[0], q.shape[1] * q.shape[2], 1, q.shape[3])
         sq = q.shape[2]
-        if q.dim() != 4 or sq != self.length:
+        if q.dim() != 4 or not 0 < sq <= self.length:
             raise NotCausalError(
                 f"scaled_dot_product_attention call {call} has query shape {tuple(query.shape)}; "
-                f"expected [B, heads, {self.length}, D] (one query per token of the pass)"
+                f"expected [B, heads, n, D] with n <= {self.length} (queries of the pass's last "
+                "n tokens)"
             )
         k, v = key, value
-        _check_causal(attn_mask, is_causal, sq, k.shape[2])
+        n_pre = self.start if (self.phase == "perturb" and self.prefix and self.start > 0) else 0
+        sk = k.shape[2]
+        if attn_mask is not None and n_pre and attn_mask.shape[-1] == n_pre + sk:
+            _check_causal(attn_mask, is_causal, sq, n_pre + sk)  # the model's mask sees the prefix
+        else:
+            _check_causal(attn_mask, is_causal, sq, sk)
         b = q.shape[0]
+        pk = pv = None
         if self.phase == "record":
             if self.record:
                 self.kv.append((k, v))
-        elif self.prepend and self.start > 0:
+        elif n_pre:
             if call >= len(self.kv):
                 raise RuntimeError(
                     f"the model made more attention calls ({call + 1}) in a suffix pass than in "
                     f"the unperturbed pass ({len(self.kv)})"
                 )
-            pk, pv = self.kv[call]
-            s = self.start
-            k = torch.cat([pk[:, :, :s].expand(b, -1, -1, -1), k], dim=2)
-            v = torch.cat([pv[:, :, :s].expand(b, -1, -1, -1), v], dim=2)
+            rk, rv = self.kv[call]
+            if rk.shape[1] != k.shape[1] or rk.shape[3] != k.shape[3]:
+                raise RuntimeError(
+                    f"attention call {call}: keys {tuple(k.shape)} in a suffix pass do not match "
+                    f"the unperturbed pass's {tuple(rk.shape)}"
+                )
+            pk, pv = rk[:1, :, :n_pre], rv[:1, :, :n_pre]
         if self.spec is not None and (self.layers is None or call in self.layers):
             idx, fac = self.spec
         else:
             idx = torch.empty(b, 0, dtype=torch.int64, device=q.device)
             fac = torch.empty(b, 0, dtype=torch.float32, device=q.device)
         out = torch.ops.aa.atman_attention(
-            q, k, v, idx, fac, self.mode, True, k.shape[2] - sq, scale
+            q, k, v, idx, fac, self.mode, True, n_pre + sk - sq, scale, pk, pv
         )
         if packed:
             out = out.reshape(query.shape[0], query.shape[1], query.shape[2], out.shape[-1])

@@ -126,12 +126,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
+                layer: int = 0, queries: int = 0) -> Tensor:
+        """``queries = n > 0``: outputs of the last n positions only (their queries against
+        the keys/values of all positions, which still enter the cache)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        n = queries if 0 < queries < s else s
+        xq, cq, sq = (x, cos, sin) if n == s else (x[:, s - n:], cos[s - n:], sin[s - n:])
+        q = self.q_proj(xq).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.length
@@ -140,12 +144,12 @@ class Attention(nn.Module):
             repeat = self.n_heads // self.kv_heads
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        if past == 0:
+        if past == 0 and n == s:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new queries sit at positions past..past+s-1 and see every earlier key
-            keep = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
+        else:  # queries sit at positions past+s-n..past+s-1 and see every earlier key
+            keep = torch.ones(n, past + s, dtype=torch.bool, device=x.device).tril(past + s - n)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class SwiGLU(nn.Module):
@@ -168,8 +172,12 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+                layer: int = 0, queries: int = 0) -> Tensor:
+        """``queries = n > 0``: the outputs of the last n positions only (see Attention)."""
+        h = self.attn(self.attn_norm(x), cos, sin, cache, layer, queries)
+        if h.shape[1] != x.shape[1]:
+            x = x[:, -h.shape[1]:]
+        x = x + h
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -216,7 +224,9 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor, cache: KVCache | None = None,
                 logits_to_keep: int = 0) -> Tensor:
         """Logits ``[B, S, vocab]``; with ``logits_to_keep = n > 0`` only those of the last n
-        positions (``[B, n, vocab]``), skipping the head for the others (as HF models do)."""
+        positions (``[B, n, vocab]``), skipping the head for the others (as HF models do) and
+        the last layer's queries, attention outputs and MLP for them (its keys/values are
+        still computed for every position)."""
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         past = cache.length if cache is not None else 0
@@ -224,8 +234,9 @@ class Transformer(nn.Module):
         s = input_ids.shape[1]
         cos, sin = self.rope_cos[past:past + s], self.rope_sin[past:past + s]
         x = self.embed(input_ids)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, logits_to_keep if i == last else 0)
         if cache is not None:
             cache.length += s
         if logits_to_keep:

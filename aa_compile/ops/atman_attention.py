@@ -2,14 +2,18 @@
 
     aa::atman_attention(Tensor q, Tensor k, Tensor v, Tensor suppress_idx,
                         Tensor suppress_factor, str mode, bool is_causal, int q_offset=0,
-                        float? scale=None) -> Tensor
+                        float? scale=None, Tensor? prefix_k=None, Tensor? prefix_v=None)
+                        -> Tensor
 
 ``q [B, H, Sq, D]``, ``k [B, Hkv, Sk, D]``, ``v [B, Hkv, Sk, Dv]`` (``H % Hkv == 0``: grouped
 query attention without repeating keys), ``suppress_idx [B, n]`` int64 key positions (``-1`` =
 unused slot), ``suppress_factor [B, n]`` float multipliers in ``[0, 1]`` (``(0, 1]`` for
 ``log_additive``). ``q_offset`` is the absolute position of query 0 (queries ``q_offset..``
-against keys ``0..Sk-1``: the shape of a pass that reuses a cached prefix). Numerics and the two
-modes: :mod:`aa_compile.kernels.atman_attention.reference`.
+against keys ``0..Sk-1``: the shape of a pass that reuses a cached prefix). Optional
+``prefix_k [1 or B, Hkv, P, D]``, ``prefix_v [1 or B, Hkv, P, Dv]``: keys/values standing in front
+of every row's ``k``/``v`` (a prefix shared by the batch rows, never copied per row on CPU);
+positions (``q_offset``, ``suppress_idx``) then count from the first prefix key. Numerics and
+the two modes: :mod:`aa_compile.kernels.atman_attention.reference`.
 
 Inference only: the op has no autograd formula (explanations run under ``torch.no_grad``);
 calling it on tensors that require grad raises in autograd, as for any custom op without one.
@@ -26,6 +30,27 @@ from .registry import OpEntry, register
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("log_additive", "multiplicative")
+
+
+def _check_prefix(q, k, v, prefix_k, prefix_v) -> None:
+    name = "aa::atman_attention"
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError(f"{name}: give both prefix_k and prefix_v or neither")
+    if prefix_k is None:
+        return
+    for arg, t, like in (("prefix_k", prefix_k, k), ("prefix_v", prefix_v, v)):
+        if t.dim() != 4 or t.dtype != q.dtype:
+            raise ValueError(f"{name}: {arg} must be a 4-d {q.dtype} tensor, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+        if t.shape[0] not in (1, q.shape[0]) or t.shape[1] != like.shape[1] or (
+                t.shape[3] != like.shape[3]):
+            raise ValueError(
+                f"{name}: {arg} {tuple(t.shape)} must be [1 or B={q.shape[0]}, "
+                f"{like.shape[1]}, P, {like.shape[3]}] to stand in front of {tuple(like.shape)}"
+            )
+    if prefix_k.shape[0] != prefix_v.shape[0] or prefix_k.shape[2] != prefix_v.shape[2]:
+        raise ValueError(f"{name}: prefix_k {tuple(prefix_k.shape)} and prefix_v "
+                         f"{tuple(prefix_v.shape)} must agree in batch and length")
 
 
 def _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset) -> None:
@@ -80,15 +105,21 @@ def _check_values(suppress_idx: Tensor, suppress_factor: Tensor, mode: str, sk: 
 def atman_attention(
     q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor, suppress_factor: Tensor,
     mode: str, is_causal: bool, q_offset: int = 0, scale: float | None = None,
+    prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
 ) -> Tensor:
     _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset)
-    _check_values(suppress_idx, suppress_factor, mode, k.shape[2])
-    return kernels.forward(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset, scale)
+    _check_prefix(q, k, v, prefix_k, prefix_v)
+    n_pre = 0 if prefix_k is None else prefix_k.shape[2]
+    _check_values(suppress_idx, suppress_factor, mode, n_pre + k.shape[2])
+    return kernels.forward(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset,
+                           scale, prefix_k, prefix_v)
 
 
 @atman_attention.register_fake
-def _(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset=0, scale=None):
+def _(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset=0, scale=None,
+      prefix_k=None, prefix_v=None):
     _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset)
+    _check_prefix(q, k, v, prefix_k, prefix_v)
     return q.new_empty(*q.shape[:3], v.shape[3])
 
 
@@ -104,6 +135,9 @@ def _samples(device: str):
         yield (randn(3, 4, 5, 8), randn(3, 2, 5, 8), randn(3, 2, 5, 8), idx, fac, mode, True), {}
         yield (randn(3, 2, 2, 8), randn(3, 2, 6, 8), randn(3, 2, 6, 4), idx, fac, mode, True), {
             "q_offset": 4, "scale": 0.3}
+        yield (randn(3, 4, 3, 8), randn(3, 2, 3, 8), randn(3, 2, 3, 4),
+               torch.tensor([[5, -1], [3, 4], [-1, -1]], device=device), fac, mode, True), {
+            "q_offset": 3, "prefix_k": randn(1, 2, 3, 8), "prefix_v": randn(1, 2, 3, 4)}
     yield (randn(3, 2, 4, 8, dtype=torch.bfloat16), randn(3, 2, 4, 8, dtype=torch.bfloat16),
            randn(3, 2, 4, 8, dtype=torch.bfloat16), idx, fac, "log_additive", False), {}
 

@@ -18,48 +18,18 @@ other model recomputes the whole pass).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
 from torch import Tensor, nn
 
 from .components import find_components, magnitude_prune, set_weight_oi, weight_oi
-from .metrics import check_prompts, divergence, dtm, generate, logits_of, summarize
-from .sweep import _part, _preds_nll, _Resumable, supports_reuse
+from .metrics import check_prompts, dtm, generate
+from .sweep import _Context
 
 DEFAULT_STEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 RANK_STATISTICS = ("fdt_mean", "fdt_median", "fdt_p10", "fdt_p25", "fdt_min")
-
-
-class _Context:
-    """FDT summaries of one-component changes to ``model`` with its current weights."""
-
-    def __init__(self, model: nn.Module, reference: Tensor, prompt_len: int, n_tokens: int,
-                 batch_size: int) -> None:
-        self.model, self.p, self.n = model, prompt_len, n_tokens
-        self.chunks = list(reference.split(batch_size))
-        self.reference = reference
-        self.runner = _Resumable(model) if supports_reuse(model) else None
-        self.states = ([self.runner.states(c[:, :-1]) for c in self.chunks]
-                       if self.runner is not None else None)
-
-    def measure(self, comp=None) -> dict:
-        """Summary (+ mean ``nll`` of the base continuation) with the model's current weights,
-        resumed at ``comp``'s layer (``None``: the whole pass)."""
-        preds, nlls = [], []
-        for k, chunk in enumerate(self.chunks):
-            if self.runner is not None:
-                layer, part = (0, "attn") if comp is None else (comp.layer, _part(comp))
-                logits = self.runner.resume(self.states[k], layer, part)
-            else:
-                logits = logits_of(self.model, chunk[:, :-1])
-            pr, nl = _preds_nll(logits, chunk, self.p)
-            preds.append(pr)
-            nlls.append(nl)
-        fdt, sdt = divergence(self.reference[:, self.p:], torch.cat(preds))
-        out = summarize(fdt, sdt, self.n)
-        out["nll"] = torch.cat(nlls).mean().item()
-        return out
 
 
 def _check_steps(steps) -> tuple[float, ...]:
@@ -67,7 +37,7 @@ def _check_steps(steps) -> tuple[float, ...]:
     if not steps or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1
                         for s in steps):
         raise ValueError(f"steps must be sparsities in (0, 1), got {steps!r}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+    if any(b <= a for a, b in itertools.pairwise(steps)):
         raise ValueError(f"steps must increase, got {steps!r}")
     return steps
 

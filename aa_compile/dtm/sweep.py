@@ -81,6 +81,44 @@ def _preds_nll(logits: Tensor, ref: Tensor, p: int) -> tuple[Tensor, Tensor]:
     return lg.argmax(-1), nll.mean(1)
 
 
+class _Context:
+    """FDT measurements of ``model`` with its current weights against ``reference``: the
+    layer inputs are cached once (reference transformer) and each measurement resumes at the
+    changed component's layer; other models recompute the whole pass."""
+
+    def __init__(self, model: nn.Module, reference: Tensor, prompt_len: int, n_tokens: int,
+                 batch_size: int, reuse: bool = True) -> None:
+        self.model, self.p, self.n = model, prompt_len, n_tokens
+        self.chunks = list(reference.split(batch_size))
+        self.reference = reference
+        self.runner = _Resumable(model) if reuse and supports_reuse(model) else None
+        self.states = ([self.runner.states(c[:, :-1]) for c in self.chunks]
+                       if self.runner is not None else None)
+
+    def run(self, comp: Component | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(fdt, sdt, nll per sequence)``, resumed at ``comp``'s layer (``None``: the whole
+        pass)."""
+        preds, nlls = [], []
+        for k, chunk in enumerate(self.chunks):
+            if self.runner is not None:
+                layer, part = (0, "attn") if comp is None else (comp.layer, _part(comp))
+                logits = self.runner.resume(self.states[k], layer, part)
+            else:
+                logits = logits_of(self.model, chunk[:, :-1])
+            pr, nl = _preds_nll(logits, chunk, self.p)
+            preds.append(pr)
+            nlls.append(nl)
+        fdt, sdt = divergence(self.reference[:, self.p:], torch.cat(preds))
+        return fdt, sdt, torch.cat(nlls)
+
+    def measure(self, comp: Component | None = None) -> dict:
+        """`summarize` of `run` plus the mean ``nll`` of the base continuation."""
+        fdt, sdt, nll = self.run(comp)
+        out = summarize(fdt, sdt, self.n)
+        out["nll"] = nll.mean().item()
+        return out
+
+
 @torch.no_grad()
 def sweep(model: nn.Module, prompts: Tensor, n_tokens: int, levels=DEFAULT_LEVELS,
           components: list[str] | None = None, reuse: bool = True, batch_size: int = 64,
@@ -105,11 +143,9 @@ def sweep(model: nn.Module, prompts: Tensor, n_tokens: int, levels=DEFAULT_LEVEL
     p = prompts.shape[1]
     if reference is None:
         reference = generate(model, prompts, n_tokens, batch_size)
-    chunks = list(reference.split(batch_size))
-    reuse = reuse and supports_reuse(model)
-    runner = _Resumable(model) if reuse else None
-    states = [runner.states(c[:, :-1]) for c in chunks] if reuse else None
-    base_nll = torch.cat([_preds_nll(logits_of(model, c[:, :-1]), c, p)[1] for c in chunks])
+    ctx = _Context(model, reference, p, n_tokens, batch_size, reuse)
+    reuse = ctx.runner is not None
+    base_nll = torch.cat([_preds_nll(logits_of(model, c[:, :-1]), c, p)[1] for c in ctx.chunks])
 
     elt = next(model.parameters()).element_size()
     results: dict[str, dict] = {}
@@ -126,19 +162,10 @@ def sweep(model: nn.Module, prompts: Tensor, n_tokens: int, levels=DEFAULT_LEVEL
         try:
             for c in parsed:
                 set_weight_oi(mod, compressed_weight(original, c))
-                preds, nlls = [], []
-                for k, chunk in enumerate(chunks):
-                    if reuse:
-                        logits = runner.resume(states[k], comp.layer, _part(comp))
-                    else:
-                        logits = logits_of(model, chunk[:, :-1])
-                    pr, nl = _preds_nll(logits, chunk, p)
-                    preds.append(pr)
-                    nlls.append(nl)
-                fdt, sdt = divergence(reference[:, p:], torch.cat(preds))
+                fdt, sdt, nlls = ctx.run(comp)
                 entry = summarize(fdt, sdt, n_tokens, tau)
                 entry["fdt"] = fdt.tolist()
-                entry["nll_delta"] = (torch.cat(nlls) - base_nll).mean().item()
+                entry["nll_delta"] = (nlls - base_nll).mean().item()
                 entry["bytes_saved"] = c.bytes_saved(comp, elt)
                 results[name][c.spec] = entry
                 if bar is not None:

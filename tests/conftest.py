@@ -23,6 +23,15 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch thread (bit-stable reductions), then restore the count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch: no dynamo cache entries leak between tests."""

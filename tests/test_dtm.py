@@ -10,13 +10,7 @@ from aa_compile import dtm
 from aa_compile.dtm.components import magnitude_prune, prune_2_4
 from aa_compile.models import Transformer, TransformerConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0, std=0.3, layers=2):

@@ -27,12 +27,7 @@ from aa_compile.models.umup_train import train
 EAGER = {"inner_compiler": "eager"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:

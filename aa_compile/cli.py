@@ -145,8 +145,11 @@ def _fdtm(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
         return 0
     if args.action == "plan" and args.budget is not None:
-        # FDTM rounds at a fixed budget (no sweep needed), beside uniform pruning at that sparsity
-        res = dtm.budget_plan(model, prompts, args.n_tokens, args.budget, progress=True)
+        # FDTM plan at a fixed budget (no sweep needed), beside uniform pruning at that sparsity
+        if args.budget_method == "refine":
+            res = dtm.refine_plan(model, prompts, args.n_tokens, args.budget, progress=True)
+        else:
+            res = dtm.budget_plan(model, prompts, args.n_tokens, args.budget, progress=True)
         uniform = dtm.apply(model, {c: f"prune:{args.budget}" for c in dtm.find_components(model)})
         res["uniform"] = dtm.dtm(model, uniform, prompts, args.n_tokens).summary()
         Path(args.out).write_text(json.dumps(res, indent=2))
@@ -240,9 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--levels", default="prune:0.25,prune:0.5,prune:0.75,prune:0.9,2:4,int8")
     fd.add_argument("--tau", type=float, default=32.0)
     fd.add_argument("--budget", type=float, default=None, metavar="SHARE",
-                    help="plan: prune at least this share of the component bytes (0-1) in FDTM "
-                    "rounds (aa_compile.dtm.rounds; no --input needed) instead of the --tau "
+                    help="plan: prune this share of the component weights (0-1) with an FDTM "
+                    "plan (--budget-method; no --input needed) instead of the --tau "
                     "constraint on a sweep; also measures uniform pruning at that sparsity")
+    fd.add_argument("--budget-method", choices=["refine", "rounds"], default="refine",
+                    help="with --budget: 'refine' (default; exchanges of pruned weights between "
+                    "components starting from uniform pruning, aa_compile.dtm.refine) or "
+                    "'rounds' (the paper's rounds from the dense model, aa_compile.dtm.rounds)")
     fd.add_argument("--statistic", default="fdt_median")
     fd.add_argument("--no-reuse", action="store_true", help="recompute every run from scratch")
     fd.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def dtm_tiny():
+    """A 3-layer random reference transformer (weights scaled up so pruning changes its
+    greedy tokens) and six 4-token prompts: the DTM planner tests' model."""
+    from aa_compile.models import Transformer, TransformerConfig
+
+    torch.manual_seed(1)
+    m = Transformer(TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2,
+                                      d_ff=64, max_seq_len=64)).eval()
+    m.reset_parameters(0.3)
+    return m, torch.randint(0, 64, (6, 4))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch: no dynamo cache entries leak between tests."""

@@ -8,19 +8,13 @@ import pytest
 import torch
 
 from aa_compile import dtm
-from aa_compile.models import Transformer, TransformerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(1)
-    m = Transformer(TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2,
-                                      d_ff=64, max_seq_len=64)).eval()
-    m.reset_parameters(0.3)
-    prompts = torch.randint(0, 64, (6, 4))
-    return m, prompts
+def setup(dtm_tiny):
+    return dtm_tiny
 
 
 LEVELS = ("prune:0.5", "prune:0.9", "2:4", "int8")

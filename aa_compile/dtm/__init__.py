@@ -7,6 +7,7 @@ with activation reuse, a planner that picks pruning / int8 per component, and `a
     s = dtm.sweep(model, prompts, 64)                                 # per component × level
     p = dtm.plan(model, s, prompts, tau=32)                          # greedy plan + baselines
     b = dtm.budget_plan(model, prompts, 64, share=0.5)               # FDTM rounds, fixed budget
+    r = dtm.refine_plan(model, prompts, 64, share=0.5)               # exchanges from uniform
     small = dtm.apply(model, p["plan"])                               # Int8Linear + pruned weights
 
 Definitions: ``docs/dtm.md`` and `aa_compile.dtm.metrics`.
@@ -17,6 +18,7 @@ from .components import Component, Compression, find_components, parse
 from .data import byte_prompts
 from .metrics import DTMResult, divergence, dtm, generate, summarize, teacher_forced
 from .planner import greedy_plan, plan, uniform_baselines
+from .refine import refine_plan
 from .rounds import budget_plan, equal_reduction
 from .sweep import DEFAULT_LEVELS, heatmap, sweep
 
@@ -39,6 +41,7 @@ __all__ = [
     "heatmap",
     "parse",
     "plan",
+    "refine_plan",
     "summarize",
     "sweep",
     "teacher_forced",

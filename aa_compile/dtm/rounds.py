@@ -145,29 +145,56 @@ def budget_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float,
 @torch.no_grad()
 def equal_reduction(model: nn.Module, prompts: Tensor, n_tokens: int,
                     shares=(0.25, 0.5, 0.75), reference: Tensor | None = None,
-                    progress: bool = False, **plan_kwargs) -> list[dict]:
-    """Uniform magnitude pruning at sparsity ``s`` of every component vs `budget_plan` at the
+                    progress: bool = False, method: str = "rounds",
+                    eval_prompts: Tensor | None = None, **plan_kwargs) -> list[dict]:
+    """Uniform magnitude pruning at sparsity ``s`` of every component vs an FDTM plan at the
     same share, for each ``s`` in ``shares``: one row each with both models' FDT summaries
-    (measured the same way, on the applied models), the shares saved and the plan's levels."""
+    (measured the same way, on the applied models), the shares saved and the plan's levels.
+
+    ``method``: ``"rounds"`` (`budget_plan`, from the dense model) or ``"refine"``
+    (`aa_compile.dtm.refine.refine_plan`, exchanges starting from the uniform plan).
+    ``eval_prompts``: held-out prompts the plan was not made on; when given, each row also has
+    ``uniform_eval`` and ``plan_eval`` summaries on them (the fair comparison)."""
     from .apply import apply
     from .components import parse
+    from .refine import refine_plan
 
+    if method not in ("rounds", "refine"):
+        raise ValueError(f"method must be 'rounds' or 'refine', got {method!r}")
     check_prompts(prompts, n_tokens)
+    if eval_prompts is not None:
+        check_prompts(eval_prompts, n_tokens)
     if reference is None:
         reference = generate(model, prompts, n_tokens)
+    eval_reference = None if eval_prompts is None else generate(model, eval_prompts, n_tokens)
     comps = find_components(model)
     elt = next(model.parameters()).element_size()
     total = sum(c.numel for c in comps.values()) * elt
     rows = []
     for s in shares:
         lv = parse(f"prune:{s}")
-        uniform = dtm(model, apply(model, {c: lv.spec for c in comps}), prompts, n_tokens,
-                      reference).summary()
+        uniform_model = apply(model, {c: lv.spec for c in comps})
+        uniform = dtm(model, uniform_model, prompts, n_tokens, reference).summary()
         uniform_share = sum(lv.bytes_saved(c, elt) for c in comps.values()) / total
-        planned = budget_plan(model, prompts, n_tokens, uniform_share, reference=reference,
-                              progress=progress, **plan_kwargs)
-        rows.append({"sparsity": s, "share_uniform": uniform_share,
-                     "share_plan": planned["share_saved"], "uniform": uniform,
-                     "plan": planned["measured"], "plan_levels": planned["level_counts"],
-                     "rounds": planned["rounds"], "measurements": planned["measurements"]})
+        if method == "rounds":
+            planned = budget_plan(model, prompts, n_tokens, uniform_share, reference=reference,
+                                  progress=progress, **plan_kwargs)
+        else:
+            planned = refine_plan(model, prompts, n_tokens, s, reference=reference,
+                                  progress=progress, **plan_kwargs)
+        plan_model = apply(model, planned["plan"])
+        plan_share = sum(parse(spec).bytes_saved(comps[c], elt)
+                         for c, spec in planned["plan"].items()) / total
+        row = {"sparsity": s, "method": method, "share_uniform": uniform_share,
+               "share_plan": plan_share, "uniform": uniform,
+               "plan": dtm(model, plan_model, prompts, n_tokens, reference).summary(),
+               "plan_levels": planned.get("level_counts"), "rounds": planned["rounds"],
+               "measurements": planned["measurements"],
+               "plan_spec": planned["plan"]}
+        if eval_prompts is not None:
+            row["uniform_eval"] = dtm(model, uniform_model, eval_prompts, n_tokens,
+                                      eval_reference).summary()
+            row["plan_eval"] = dtm(model, plan_model, eval_prompts, n_tokens,
+                                   eval_reference).summary()
+        rows.append(row)
     return rows

@@ -42,12 +42,13 @@ attribute, or the environment variable ``AA_TRIGRAM_BAG_CHECK_INDICES=1`` before
 the check off, out-of-range indices or malformed offsets on a GPU read out of bounds (undefined
 results or a device fault), as with ``F.embedding`` on CUDA.
 
-**Compiled** (``backend="aa"``, inductor, CPU): the forward is decomposed into a direct call of
-ATen's embedding bag (``kernels.trigram_bag.cpu.inductor_decompositions``: no Python custom-op
-cost per call), except for an output above ``kernels.trigram_bag.cpu.CHUNK_BYTES`` (16 MiB),
-where the op's chunked kernel runs; the backward stays `aa::trigram_bag_backward`. The value
-checks still hold there but raise ``RuntimeError``: an index outside ``[0, v)`` from ATen's
-kernel, malformed offsets from an inductor assert with this op's message (or ATen's kernel).
+**Compiled** (``backend="aa"``, inductor, CPU): the forward is decomposed into a lean op,
+``aa::trigram_bag_cpu`` (``kernels.trigram_bag.cpu.inductor_decompositions``: no Python
+custom-op layer per call; the native float32 kernel, ATen's embedding bag for other dtypes),
+except for an output above ``kernels.trigram_bag.cpu.CHUNK_BYTES`` (16 MiB), where this op
+runs; the backward stays `aa::trigram_bag_backward`. The value checks still hold there but
+raise ``RuntimeError`` (an index outside ``[0, v)`` or malformed offsets, with this op's
+message, from the kernel's own checks).
 
 ``aa::tfree_words_to_csr`` turns the T-FREE reference embedding's input (trigram slots
 ``[n, m]`` and the word of each trigram, in any order) into this op's CSR bags; the
@@ -98,8 +99,9 @@ def trigram_bag(
     deterministic: bool = True,
 ) -> Tensor:
     op = "aa::trigram_bag"
-    # The CPU kernel (ATen's embedding bag) bounds-checks every index as it reads it, so the CPU
-    # forward skips a separate pass over the indices and turns the kernel's error into ours.
+    # The CPU kernels (native float32, ATen's embedding bag) bounds-check every index as they
+    # read it, so the CPU forward skips a separate pass over the indices and turns the kernel's
+    # error into ours.
     # (With h == 0 the kernel reads nothing, so then the indices are checked here.)
     kernel_checks = weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[1] > 0
     _check(weight, indices, offsets, per_sample_weights, values=True, op=op,

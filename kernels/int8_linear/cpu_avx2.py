@@ -14,8 +14,9 @@ hardware prefetcher alone leaves one core well short of its bandwidth on 4 inter
 streams). The scale and the bias are applied once per output.
 
 Threads: up to ``torch.get_num_threads()`` (one when the call has fewer than
-``PARALLEL_GRAIN`` multiply-adds): the caller plus helper threads of a small pool in the C code
-that claim chunks of channel groups from a shared counter. The caller claims chunks too and then
+``PARALLEL_GRAIN`` multiply-adds): the caller plus helper threads of the small C pool of
+`aa_compile.kernels._native.POOL_SOURCE`, which claim chunks of channel groups (about 4 per
+thread, at least 16 groups of 4 rows each) from a shared counter. The caller claims chunks too and then
 waits only for chunks a helper has already claimed, never for a helper that has not started: on
 the shared dev VM an OpenMP region (and any torch op that runs one) took 15-20 ms whenever a
 team thread was descheduled, because the region's end waits for every thread. Every output is
@@ -28,9 +29,10 @@ Numerics: float32 products and sums (like float32 ``F.linear`` on the dequantise
 scale applied to the sum instead of to each weight); tested against the float64 reference
 (:mod:`aa_compile.kernels.int8_linear.reference`).
 
-Build: the C source below is compiled once per source / compiler / flags (``$CC``, else
-``cc``/``gcc``/``clang``; ``-O3 -mavx2 -mfma -pthread``) into ``$AA_COMPILE_CACHE/kernels``
-(default ``~/.cache/aa-compile``; a temporary folder when that is not writable), published by an
+Build (`aa_compile.kernels._native`): the C source below is compiled once per source / compiler /
+flags (``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -mavx2 -mfma -pthread``) into
+``$AA_COMPILE_CACHE/kernels`` (default ``~/.cache/aa-compile``; a temporary folder when that is
+not writable; the file name carries a hash of the source, compiler and flags), published by an
 atomic rename; later processes load the cached ``.so``. Without PyTorch headers this takes 1.4 s
 (0.6 s of CPU) with gcc on the busy dev VM; a ``torch.utils.cpp_extension`` build spends most of
 a minute on the headers.
@@ -44,17 +46,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
+from aa_compile.kernels import _native
 from torch import Tensor
 
 SOURCE = r"""
@@ -64,7 +58,7 @@ SOURCE = r"""
 #include <pthread.h>
 #include <sched.h>
 #include <immintrin.h>
-
+""" + _native.POOL_SOURCE + r"""
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -168,6 +162,7 @@ typedef struct {
     const float* x; int64_t ldx; const int8_t* w; int64_t ldw;
     const float* scale; const float* bias; float* y; int64_t ldy;
     int64_t M, N, K;
+    int64_t groups, chunk;      /* groups of 4 channels; groups per chunk of work */
 } args_t;
 
 /* groups [g0, g1) of 4 output channels, all M rows */
@@ -206,204 +201,51 @@ static void run_groups(const args_t* a, int64_t g0, int64_t g1) {
     }
 }
 
-/* ---- a small thread pool in which the caller never waits for a helper that has not started.
-   The caller publishes a job and claims chunks of groups itself; sleeping helpers are woken and
-   claim chunks too when (if) they get a core. The caller then waits only for chunks already
-   claimed, i.e. being computed by running helpers. (An OpenMP region instead ends in a barrier
-   that waits for every team thread to arrive: on a busy machine, a descheduled helper stalled
-   every call by a scheduler time slice, 15-20 ms, measured.) */
-
-typedef struct {
-    args_t a;
-    int64_t groups, chunk, nchunks;
-    int helpers;                /* helpers allowed to join (nthreads - 1) */
-} job_t;
-
-static job_t pool_job;                     /* written under pool_mu before pool_gen moves */
-static _Atomic uint64_t pool_claim;        /* generation << 32 | next chunk */
-static _Atomic int64_t pool_done;          /* chunks of the current job finished */
-static _Atomic int pool_busy;              /* a caller owns the pool */
-static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
-static uint32_t pool_gen;                  /* under pool_mu */
-static int pool_started;                   /* helper threads started (under pool_mu) */
-
-#ifndef HELPER_SPINS
-#define HELPER_SPINS 2000
-#endif
-
-static void work(const job_t* j, uint32_t gen) {
-    for (;;) {
-        uint64_t v = atomic_load_explicit(&pool_claim, memory_order_acquire);
-        int64_t c = (int64_t)(v & 0xffffffffu);
-        if ((uint32_t)(v >> 32) != gen || c >= j->nchunks) return;
-        if (!atomic_compare_exchange_weak_explicit(&pool_claim, &v, v + 1, memory_order_acq_rel,
-                                                   memory_order_acquire))
-            continue;
-        int64_t g0 = c * j->chunk, g1 = g0 + j->chunk < j->groups ? g0 + j->chunk : j->groups;
-        run_groups(&j->a, g0, g1);
-        atomic_fetch_add_explicit(&pool_done, 1, memory_order_acq_rel);
-    }
-}
-
-static void* helper(void* arg) {
-    int index = (int)(intptr_t)arg;
-    uint32_t seen;
-    pthread_mutex_lock(&pool_mu);
-    seen = pool_gen;
-    for (;;) {
-        if (pool_gen == seen) {
-            /* decode calls its linears back to back: watch for the next job a little while
-               (2000 pauses: tens of us) before sleeping, as OpenMP and MKL threads do */
-            pthread_mutex_unlock(&pool_mu);
-            for (int i = 0; i < HELPER_SPINS; ++i) {
-                if ((uint32_t)(atomic_load_explicit(&pool_claim, memory_order_relaxed) >> 32) != seen)
-                    break;
-                _mm_pause();
-            }
-            pthread_mutex_lock(&pool_mu);
-        }
-        while (pool_gen == seen) pthread_cond_wait(&pool_cv, &pool_mu);
-        seen = pool_gen;
-        if (index >= pool_job.helpers) continue;
-        job_t j = pool_job;  /* stable while the generation is current */
-        pthread_mutex_unlock(&pool_mu);
-        work(&j, seen);
-        pthread_mutex_lock(&pool_mu);
-    }
-    return NULL;
-}
-
-static void pool_after_fork(void) {  /* the child has no helper threads */
-    pthread_mutex_init(&pool_mu, NULL);
-    pthread_cond_init(&pool_cv, NULL);
-    pool_started = 0;
-    atomic_store(&pool_busy, 0);
+/* chunk c of a call: groups [c * chunk, (c + 1) * chunk) (the last chunk: up to groups) */
+static void group_task(const void* args, int64_t c) {
+    const args_t* a = (const args_t*)args;
+    int64_t g0 = c * a->chunk, g1 = g0 + a->chunk < a->groups ? g0 + a->chunk : a->groups;
+    run_groups(a, g0, g1);
 }
 
 /* y[m * ldy + n] = scale[n] * sum_k x[m * ldx + k] * w[n * ldw + k] + bias[n] (bias may be NULL),
-   on up to nthreads threads (the caller and nthreads - 1 pool helpers) */
+   on up to nthreads threads (the caller and nthreads - 1 helpers of the pool above) */
 void aa_int8_linear_f32(const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
                         const float* scale, const float* bias, float* y, int64_t ldy,
                         int64_t M, int64_t N, int64_t K, int nthreads) {
-    static int atfork_done;
-    args_t a = {x, ldx, w, ldw, scale, bias, y, ldy, M, N, K};
     int64_t groups = (N + 3) / 4;
-    if (nthreads > 256) nthreads = 256;
-    if (nthreads <= 1 || groups < 2 || atomic_exchange(&pool_busy, 1)) {
-        run_groups(&a, 0, groups);  /* serial (also when another caller holds the pool) */
+    args_t a = {x, ldx, w, ldw, scale, bias, y, ldy, M, N, K, groups, groups};
+    if (nthreads <= 1 || groups < 2) {
+        run_groups(&a, 0, groups);  /* serial, one prefetch run over all groups */
         return;
     }
     /* about 4 chunks per thread, at least 16 groups (64 rows: long prefetch runs) each */
-    int64_t chunk = groups / (4 * (int64_t)nthreads);
+    int64_t chunk = groups / (4 * (int64_t)(nthreads > 256 ? 256 : nthreads));
     if (chunk < 16) chunk = 16;
-    int64_t nchunks = (groups + chunk - 1) / chunk;
-    pthread_mutex_lock(&pool_mu);
-    if (!atfork_done) { pthread_atfork(NULL, NULL, pool_after_fork); atfork_done = 1; }
-    while (pool_started < nthreads - 1) {
-        pthread_t t;
-        if (pthread_create(&t, NULL, helper, (void*)(intptr_t)pool_started) != 0) break;
-        pthread_detach(t);
-        ++pool_started;
-    }
-    pool_job.a = a;
-    pool_job.groups = groups; pool_job.chunk = chunk; pool_job.nchunks = nchunks;
-    pool_job.helpers = nthreads - 1;
-    uint32_t gen = ++pool_gen;
-    atomic_store_explicit(&pool_done, 0, memory_order_relaxed);
-    atomic_store_explicit(&pool_claim, (uint64_t)gen << 32, memory_order_release);
-    job_t j = pool_job;
-    pthread_mutex_unlock(&pool_mu);
-    pthread_cond_broadcast(&pool_cv);
-    work(&j, gen);
-    for (int spins = 0; atomic_load_explicit(&pool_done, memory_order_acquire) < nchunks; ++spins) {
-        if (spins < 256) _mm_pause(); else sched_yield();
-    }
-    atomic_store(&pool_busy, 0);
+    a.chunk = chunk;
+    /* one chunk, or the pool busy (another caller): pool_run runs the chunks serially */
+    pool_run(group_task, &a, (groups + chunk - 1) / chunk, nthreads);
 }
 """
 
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-pthread", "-x", "c")
 #: below this many multiply-adds (1024 x 1024 at M = 1) the caller does it all: waking a helper
 #: costs ~10 us, and a single core already streams a small weight from L2/L3 fast
 PARALLEL_GRAIN = 1 << 20
-_LOCK = threading.Lock()
 
-
-def supported_cpu() -> bool:
-    """x86-64 with AVX2 and FMA, as ATen's dispatcher sees it (``AVX2`` or ``AVX512``)."""
-    if os.name != "posix" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def compiler() -> str | None:
-    """``$CC``, else the first of ``cc``, ``gcc``, ``clang`` on ``PATH`` (None: none)."""
-    cc = os.environ.get("CC")
-    if cc:
-        return cc
-    for name in ("cc", "gcc", "clang"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def _cache_dir() -> Path:
-    root = Path(os.environ.get("AA_COMPILE_CACHE", os.path.expanduser("~/.cache/aa-compile")))
-    path = root / "kernels"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / f"aa-compile-kernels-{os.getuid()}"  # posix only
-
-
-def _build(cc: str, flags: tuple[str, ...]) -> Path:
-    """The ``.so`` for ``flags`` (compiled unless cached). Raises on a compiler error."""
-    key = hashlib.sha256("\0".join((SOURCE, cc, *flags)).encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    lib = folder / f"int8_linear_avx2-{key}.so"
-    if lib.exists():
-        return lib
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)  # atomic publish: build, then rename
-    os.close(fd)
-    try:
-        subprocess.run([cc, *flags, "-", "-o", tmp], input=SOURCE.encode(), check=True,
-                       capture_output=True, timeout=120)
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+# the build plumbing and the thread pool are shared with the other native kernels
+# (aa_compile.kernels._native)
+supported_cpu = _native.supported_cpu
+compiler = _native.compiler
 
 
 @functools.cache
 def library():
     """The loaded kernel function (``ctypes``), or None where it cannot be used (see module doc)."""
-    if not supported_cpu():
-        return None
-    cc = compiler()
-    if cc is None:
-        warnings.warn("aa::int8_linear: no C compiler found ($CC, cc, gcc, clang): the CPU path "
-                      "falls back to dequantise + GEMM (slower at batch 1)", stacklevel=2)
-        return None
-    with _LOCK:
-        try:
-            fn = ctypes.CDLL(str(_build(cc, _FLAGS))).aa_int8_linear_f32
-        except (OSError, subprocess.SubprocessError) as e:
-            err = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-800:]
-            warnings.warn("aa::int8_linear: building the AVX2 CPU kernel failed, the CPU path "
-                          f"falls back to dequantise + GEMM (slower at batch 1): {e} {err}",
-                          stacklevel=2)
-            return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, p, i64, p, p, p, i64, i64, i64, i64, ctypes.c_int]
-    fn.restype = None
-    return fn
+    return _native.function(SOURCE, "int8_linear_avx2", "aa_int8_linear_f32",
+                            [p, i64, p, i64, p, p, p, i64, i64, i64, i64, ctypes.c_int], None,
+                            "aa::int8_linear",
+                            "dequantise + GEMM on the CPU path (slower at batch 1)")
 
 
 def available() -> bool:

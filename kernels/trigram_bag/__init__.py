@@ -3,8 +3,8 @@ with the reference beside them.
 
 - ``reference.py``: plain PyTorch (gather + ``index_add_``), the numerics spec the tests compare
   against, and ``check_inputs`` (what valid input is);
-- ``cpu.py``: the CPU path (ATen's fbgemm embedding bag, forward and a sorted-segment
-  ``dweight``);
+- ``cpu.py``: the CPU path (bag sums by ``cpu_avx2.py``'s native float32 kernel, ATen's
+  fbgemm embedding bag otherwise; forward and a sorted-segment ``dweight``);
 - ``triton_kernel.py``: the CUDA path (Triton: one program per bag x column block; deterministic
   sorted-segment backward, or float atomics on request).
 

@@ -1,28 +1,59 @@
 """CPU path of `aa::trigram_bag` (numerics: :mod:`aa_compile.kernels.trigram_bag.reference`).
 
-Forward: ATen's inference-only embedding bag (``aten::_embedding_bag_forward_only``; fbgemm-
-generated code for float32/float16/bfloat16, a plain loop for float64). ``F.embedding_bag``
-runs the same summation code (``aten::_embedding_bag`` when the weight requires grad, even
-under ``no_grad``, which also fills ``offset2bag`` / ``bag_size`` side outputs). Each bag is
-summed in order by one thread, in float32 for the half types (rounded once on store:
-bit-equal to the correctly rounded float64 sum in a check here), so it is deterministic.
-Outputs larger than `CHUNK_BYTES` are written in chunks (see "Large outputs").
+Forward, float32: the AVX2 + FMA C kernel of `cpu_avx2` (built on first use; its module doc
+has the design) where it is available, else ATen's. It performs the same operations in the
+same order as ATen's kernel (``acc + row``, ``fma(row, psw, acc)``, each bag in index order by
+one thread), so the result is the same bits (tested), but it adds 6 table rows per pass over
+the output row (in L1) and software-prefetches the rows 12 entries ahead. It checks the
+offsets and every index itself. ``AA_TRIGRAM_BAG_NATIVE=0`` (or ``cpu_avx2.ENABLED = False``)
+turns it off.
+
+Forward, other dtypes: ATen's inference-only embedding bag
+(``aten::_embedding_bag_forward_only``; fbgemm-generated code for float32/float16/bfloat16, a
+plain loop for float64). ``F.embedding_bag`` runs the same summation code
+(``aten::_embedding_bag`` when the weight requires grad, even under ``no_grad``, which also
+fills ``offset2bag`` / ``bag_size`` side outputs). Each bag is summed in order by one thread, in
+float32 for the half types (rounded once on store: bit-equal to the correctly rounded float64
+sum in a check here), so it is deterministic. Outputs larger than `CHUNK_BYTES` are written in
+chunks (see "Large outputs"; the float32 kernel writes its huge-page advised output directly).
+
+Measured, forward (float32, m=10, words of 1 + Poisson(4.5) trigrams, random slots; medians of
+25 rounds, every variant once per round, interleaved in one process; 2-core EPYC dev VM at load
+average 3-5 from other jobs, so times are 2-3x a quiet machine's). Kernel alone against
+``aten::_embedding_bag_forward_only`` (= 1.0x; ``F.embedding_bag`` 0.95-1.01x): v=8192, h=1024,
+512 words 1.75-1.95x; 4096 words 1.55-1.6x; v=32768, h=1024, 4096 words 1.3x; v=8192, h=4096,
+1024 words 1.45-1.6x (two runs). Rejected there: one row per pass (0.6-1.05x: the output row's
+loads and stores), register-blocked columns (64 lanes in 8 accumulators, each bag's rows walked
+once per 64 columns: 0.55-0.9x, the rows are then read in 256-byte pieces the hardware
+prefetcher does not follow), no software prefetch (0.6-0.85x), 4 or 8 rows per pass (within
+noise of 6, a little slower at most shapes), prefetch distance 4-16 entries (8-12 best). One
+thread was as fast as two on the loaded VM (memory-bound; other jobs hold the second core);
+the kernel still splits bags over ``torch.get_num_threads()`` threads. End to end see
+"Compiled" below; fwd + bwd also gains (the weight gradient is the same bag-sum kernel).
 
 Compiled (``backend="aa"`` with inductor): `inductor_decompositions` hands inductor the forward
-as a direct ``aten::_embedding_bag_forward_only`` call (an extern kernel in the generated code),
-so a compiled graph pays no Python custom-op cost (validation, dispatch: ~0.1 ms a call) for
-it; an output known to exceed `CHUNK_BYTES` keeps the op (its chunked kernel saves more than
-that). The decomposition applies below autograd (aot_autograd traces the op's autograd
-formula, then decomposes what runs under it), so the backward is still
-`aa::trigram_bag_backward`. The value checks raise ``RuntimeError`` instead of ``ValueError``
-there: an index outside ``[0, v)`` and ``offsets[0] != 0`` are caught by ATen's kernel (which
-checks each index it reads), and so are decreasing offsets for the fbgemm dtypes;
-``offsets[-1] != nnz`` (and decreasing offsets for float64) by inductor asserts with the op's
-message.
+as a direct call: for float32 with the kernel available, ``aa::trigram_bag_cpu`` (a plain
+dispatcher op, `trigram_bag_cpu`: ~10 us of Python, no custom-op layer, and no separate
+offset checks: the kernel checks them), else ``aten::_embedding_bag_forward_only`` (an extern
+kernel in the generated code), so a compiled graph pays no Python custom-op cost (validation,
+dispatch: ~0.1 ms a call, ~0.7 ms measured for a tiny input on the loaded VM) for it; an
+output known to exceed `CHUNK_BYTES` keeps the op (whose kernel then runs the same way). The
+decomposition applies below autograd (aot_autograd traces the op's autograd formula, then
+decomposes what runs under it), so the backward is still `aa::trigram_bag_backward`. The value
+checks raise ``RuntimeError`` instead of ``ValueError`` there. Float32 with the kernel: the
+kernel's own checks, with the op's messages (and without it, a numpy offsets check in
+`trigram_bag_cpu` and ATen's index check). Other dtypes: an index outside ``[0, v)`` and
+``offsets[0] != 0`` are caught by ATen's kernel (which checks each index it reads), and so are
+decreasing offsets for the fbgemm dtypes; ``offsets[-1] != nnz`` (and decreasing offsets for
+float64) by inductor asserts with the op's message.
 
 `words_to_csr` converts the T-FREE reference embedding's input (trigram slots and the word of
 each trigram, in any order) to the op's CSR bags; it backs ``aa::tfree_words_to_csr``, which the
-``tfree_embedding`` pass emits.
+``tfree_embedding`` pass emits. Word ids already in order (as a tokenizer emits them; the op
+checks that in the same numpy pass as their range) skip the sort and gather: numpy copies the
+slots and binary-searches the offsets. That conversion (0.1-0.5 ms at 512-4096 words) is most
+of what the compiled module pays over the op on a prebuilt CSR; the copy stays because a custom
+op's outputs may not alias its inputs.
 
 Backward, ``dweight`` (deterministic, no atomics): ``dweight`` is itself an embedding bag over
 the *transposed* CSR (`segments`). A stable sort of ``indices`` groups the entries of each slot
@@ -55,22 +86,32 @@ and unchunked results are the same bits. The peak memory grows by one chunk (16 
 with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's allocator then advises every large allocation)
 would speed up the reference and ``F.embedding_bag`` the same way.
 
-Measured with the bench harness (``python -m bench -k "trigram_bag and not hashed" --rounds 3
---repeats 3``, m=10, float32, words of 1 + Poisson(4.5) trigrams: ~55 slots a word) on the
-2-core EPYC dev VM while other jobs kept it at load average 6-9 (times 2-3x a quiet
-machine's; medians of 9 interleaved rounds); two runs of the previous version of this module
-(torch bookkeeping, one kernel call into an ATen-allocated output) before and after two runs
-of this one. Forward + backward, ``backend="aa"`` against the eager reference module /
-``F.embedding_bag`` + its dense backward, before -> after: v=8192, h=1024, 4096 words
-7.8-9.2x -> 9.4-11.7x / 1.3-1.4x -> 1.7-2.2x; v=32768: 5.5-5.9x -> 7.8-9.8x / 1.1x -> 1.7-2.1x;
-v=8192, h=4096, 1024 words: 5.3-5.6x -> 7.0-7.2x / 1.1-1.3x -> 1.6x. ``dweight`` alone, one
-thread, interleaved: 291 -> 239, 580 -> 366 and 538 -> 314 ms. The forward is unchanged at
-these shapes (16 MiB outputs: one call) and at parity with ``F.embedding_bag``: the op called
-eagerly 0.91-1.07x over these runs (the same summation code reading the same ``nnz * h``
-table values), the compiled module 0.65-1.01x (its graph also turns word ids into CSR, ~1 ms
-on one core, and checks the offsets in an inductor-generated OpenMP loop, one more parallel
-region to stall on a loaded machine; the peer gets its CSR prebuilt). Outputs above
-`CHUNK_BYTES` are where it wins: 5-8% at 16384 words x h=1024 and 4096 words x h=4096.
+Before the float32 kernel (ATen forward and ``dweight``), measured with the bench harness
+(``python -m bench -k "trigram_bag and not hashed" --rounds 3 --repeats 3``, m=10, float32,
+words of 1 + Poisson(4.5) trigrams: ~55 slots a word) on the 2-core EPYC dev VM while other jobs
+kept it at load average 6-9 (times 2-3x a quiet machine's; medians of 9 interleaved rounds); two
+runs of the previous version of this module (torch bookkeeping, one kernel call into an
+ATen-allocated output) before and after two runs of this one. Forward + backward,
+``backend="aa"`` against the eager reference module / ``F.embedding_bag`` + its dense backward,
+before -> after: v=8192, h=1024, 4096 words 7.8-9.2x -> 9.4-11.7x / 1.3-1.4x -> 1.7-2.2x;
+v=32768: 5.5-5.9x -> 7.8-9.8x / 1.1x -> 1.7-2.1x; v=8192, h=4096, 1024 words: 5.3-5.6x ->
+7.0-7.2x / 1.1-1.3x -> 1.6x. ``dweight`` alone, one thread, interleaved: 291 -> 239, 580 -> 366
+and 538 -> 314 ms. The forward is unchanged at these shapes (16 MiB outputs: one call) and at
+parity with ``F.embedding_bag``: the op called eagerly 0.91-1.07x over these runs (the same
+summation code reading the same ``nnz * h`` table values), the compiled module 0.65-1.01x (its
+graph also turns word ids into CSR, ~1 ms on one core, and checks the offsets in an
+inductor-generated OpenMP loop, one more parallel region to stall on a loaded machine; the peer
+gets its CSR prebuilt). Outputs above `CHUNK_BYTES` are where it wins: 5-8% at 16384 words x
+h=1024 and 4096 words x h=4096.
+
+With the float32 kernel (forward and ``dweight``), interleaved as above (25 / 9 rounds, load
+3-5), ``backend="aa"`` against ``F.embedding_bag`` (= 1.0x) and against the same compiled module
+with the kernel turned off (``aa_noavx``):
+fwd: v=8192, h=1024, 512 words 1.44x (aa_noavx 1.01x; the op called eagerly 1.08x); 4096
+words 1.54x (0.97x; op 1.38x); v=32768: 1.27x (0.91x; op 1.23x); v=8192, h=4096, 1024 words
+1.56x (0.99x; op 1.45x) (ATen's kernel alone: 0.96-0.99x F.embedding_bag in the same rounds).
+fwd + bwd: v=8192, h=1024, 512 words 2.48x (aa_noavx 1.74x); 4096 words 3.60x (2.60x);
+v=32768: 2.95x (2.51x); v=8192, h=4096, 1024 words 3.17x (2.33x).
 
 Alternatives measured and rejected: ``index_add_`` in float32 for ``dweight`` (bitwise
 reproducible on CPU across runs and thread counts in a check here, but ~15x slower), a sparse
@@ -101,7 +142,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cpu_avx2, reference
 
 #: Outputs larger than this are written in row chunks of about this many bytes into a buffer
 #: allocated (and huge-page advised) here; smaller ones are one kernel call (see module doc,
@@ -160,12 +201,21 @@ def _bag(weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None) -
     )[0]
 
 
+def native(weight: Tensor) -> bool:
+    """Whether float32 CPU bag sums of ``weight`` run the AVX2 kernel (`cpu_avx2`)."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and \
+        cpu_avx2.available()
+
+
 def bag_sum(weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None,
             chunk_bytes: int | None = None) -> Tensor:
-    """``[len(offsets) - 1, h]`` bag sums (ATen's kernel, valid CSR input, contiguous
-    ``weight``). An output larger than ``chunk_bytes`` (default `CHUNK_BYTES`) is filled in
+    """``[len(offsets) - 1, h]`` bag sums (valid CSR input, contiguous ``weight``): float32
+    on CPU with the AVX2 kernel where `native` (same bits as ATen's), else ATen's kernel. For
+    ATen's, an output larger than ``chunk_bytes`` (default `CHUNK_BYTES`) is filled in
     chunks of bags, each one kernel call, copied into an output allocated here with huge pages
     advised (module doc, "Large outputs"); the sums and their order are the same either way."""
+    if native(weight):  # writes its (huge-page advised) output directly: no chunks needed
+        return cpu_avx2.bag_sum(weight, indices, offsets, psw)
     n, h = offsets.numel() - 1, weight.shape[1]
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     row_bytes = h * weight.element_size()
@@ -207,16 +257,21 @@ def words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int, presorted
     each word's trigrams in their original order (``presorted=True``, word ids known to be
     non-decreasing as a tokenizer emits them: no sort and no gather, ``indices`` is a plain copy
     of ``slots``); ``offsets = m * [0, cumsum(trigrams per word)]``, the counts by ``index_add_``
-    (bounds-checked on every device, unlike ``bincount``). Word ids are assumed to lie in
-    ``[0, n_words)`` (the op checks them). ATen ops (and numpy's copy for CPU tensors), so it
+    (bounds-checked on every device, unlike ``bincount``), or for presorted CPU input
+    ``offsets[k] = m * #(word ids < k)`` by numpy's binary search. Word ids are assumed to lie
+    in ``[0, n_words)`` (the op checks them). ATen ops (numpy for presorted CPU tensors), so it
     serves every device."""
     n, m = slots.shape
-    if presorted:  # a copy: a custom op's outputs may not alias its inputs
-        if slots.device.type == "cpu":  # numpy's copy: no OpenMP region (see `segments_numpy`)
-            indices = torch.empty(n * m, dtype=slots.dtype)
-            np.copyto(indices.numpy(), slots.numpy().reshape(-1))
-        else:
-            indices = slots.reshape(-1).clone()
+    if presorted and slots.device.type == "cpu":
+        # numpy only (no ATen op, no OpenMP region): a copy of the slots (a custom op's outputs
+        # may not alias its inputs) and offsets[k] = m * #(word ids < k) by binary search
+        indices = torch.empty(n * m, dtype=slots.dtype)
+        np.copyto(indices.numpy(), slots.numpy().reshape(-1))
+        starts = np.searchsorted(word_of_trigram.numpy(), np.arange(n_words + 1))
+        offsets = torch.from_numpy(starts.astype(np.int64, copy=False))
+        return indices, offsets.mul_(m)
+    if presorted:
+        indices = slots.reshape(-1).clone()
     else:
         perm = torch.sort(word_of_trigram, stable=True).indices
         indices = slots.index_select(0, perm).reshape(-1)
@@ -239,10 +294,44 @@ def _decline(op):
     return NotImplemented
 
 
+def _check_offsets(offsets: Tensor, nnz: int, op: str) -> None:
+    """``RuntimeError`` unless ``offsets`` start at 0, do not decrease and end at ``nnz``."""
+    o = offsets.numpy()
+    if o.shape[0] == 0 or o[0] != 0 or o[-1] != nnz or bool((o[1:] < o[:-1]).any()):
+        raise RuntimeError(f"{op}: {cpu_avx2.OFFSETS_MESSAGE}")
+
+
+def trigram_bag_cpu(weight: Tensor, indices: Tensor, offsets: Tensor,
+                    per_sample_weights: Tensor | None = None) -> Tensor:
+    """``aa::trigram_bag_cpu``: the CPU forward that compiled graphs call (see
+    `inductor_decompositions`), with no validation beyond the values: the AVX2 kernel checks
+    the offsets and every index itself (``RuntimeError`` with `aa::trigram_bag`'s messages);
+    without it the offsets are checked here and ATen's kernel checks the indices."""
+    op = "aa::trigram_bag"
+    if native(weight):
+        return cpu_avx2.bag_sum(weight, indices, offsets, per_sample_weights, op=op)
+    _check_offsets(offsets, indices.shape[0], op)
+    return trigram_bag_fwd(weight, indices, offsets, per_sample_weights)
+
+
+# A plain dispatcher op (no torch.library.custom_op layer: ~10 us a call instead of ~100), only
+# emitted by `inductor_decompositions` below autograd, so it has no autograd formula.
+_LIB = torch.library.Library("aa", "FRAGMENT")
+_LIB.define("trigram_bag_cpu(Tensor weight, Tensor indices, Tensor offsets, "
+            "Tensor? per_sample_weights=None) -> Tensor")
+_LIB.impl("trigram_bag_cpu", trigram_bag_cpu, "CPU")
+
+
+@torch.library.register_fake("aa::trigram_bag_cpu", lib=_LIB)
+def _trigram_bag_cpu_fake(weight, indices, offsets, per_sample_weights=None):
+    return weight.new_empty(offsets.shape[0] - 1, weight.shape[1])
+
+
 def inductor_decompositions() -> dict:
     """Inductor decompositions (see module doc, "Compiled"): the CPU forward becomes a direct
-    call of ``aten::_embedding_bag_forward_only`` in inductor's generated code, without the
-    Python custom-op layer. The backward op is not decomposed (it stays ours). Declines
+    call of ``aa::trigram_bag_cpu`` (float32 where the AVX2 kernel is available) or of
+    ``aten::_embedding_bag_forward_only`` in inductor's generated code, without the Python
+    custom-op layer. The backward op is not decomposed (it stays ours). Declines
     (``NotImplemented``) off CPU, for a width that is not a known positive int, and for an
     output known to exceed `CHUNK_BYTES` (there the op's own chunked, huge-page kernel runs:
     the Python cost is small next to the page faults it saves)."""
@@ -259,6 +348,9 @@ def inductor_decompositions() -> dict:
         # non-decreasing offsets. (fbgemm's kernels reject some decreasing offsets themselves,
         # but not every pattern, as a CI run showed: the loop over the offsets stays, one
         # cheap pass over n_bags + 1 integers.)
+        if weight.dtype == torch.float32 and cpu_avx2.available():
+            # the AVX2 kernel through a plain op: it checks the offsets and indices itself
+            return torch.ops.aa.trigram_bag_cpu(weight, indices, offsets, per_sample_weights)
         nnz = indices.shape[0]
         msg = ("aa::trigram_bag: offsets must start at 0, be non-decreasing and end at nnz == "
                "indices.numel() (CSR bag boundaries)")

@@ -67,9 +67,11 @@ def refine_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float |
     ``step``: the exchanged quantum as a share of the smallest component (halved, down to
     ``min_step``, after a round without an exchange); ``rounds``: at most this many rounds;
     ``candidates``: the best takes × best give-backs paired each round (pairs tried in order of
-    their summed single results, each component in at most one kept pair a round). Returns the plan (``{component: "prune:S"}``), the pruned weights and
-    their share of all component weights, the start's and the final measured summaries (on
-    ``prompts``), and the number of exchanges, rounds and measurements.
+    their summed single results, each component in at most one kept pair a round).
+
+    Returns the plan (``{component: "prune:S"}``), the pruned weights and their share of all
+    component weights, the start's and the final measured summaries (on ``prompts``), and the
+    number of exchanges, rounds and measurements.
     """
     check_prompts(prompts, n_tokens)
     if statistic not in RANK_STATISTICS:

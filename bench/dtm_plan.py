@@ -7,8 +7,8 @@ For each share s: every component magnitude-pruned to sparsity s (uniform), and 
 pruning the same share of the component weights (default `aa_compile.dtm.refine_plan`:
 exchanges from the uniform plan; ``--method rounds``: `budget_plan`), both measured the same
 way (FDT summaries of the applied models against the base model's greedy continuations), on the
-planning prompts and on held-out prompts the plan never saw (``--eval-prompts``). Writes ``bench/results/dtm_plan.json`` (``--json``) and
-the plot.
+planning prompts and on held-out prompts the plan never saw (``--eval-prompts``). Writes
+``bench/results/dtm_plan.json`` (``--json``) and the plot.
 """
 
 from __future__ import annotations

@@ -518,54 +518,74 @@ def _erase_dead(graph: fx.Graph, nodes) -> None:
             graph.erase_node(n)
 
 
-class WindowAttentionPass(GraphPass):
-    name = "hat_window_attention"
-    description = ("SDPA with a proven causal sliding-window document mask "
-                   "-> aa::window_attention")
+class _SdpaRewritePass(GraphPass):
+    """The loop both HAT attention passes share: every SDPA node is offered to `rewrite`, which
+    returns its replacement and the nodes that may have gone dead with it, or None (left as
+    is; a node that matched the pattern but failed a check has its reason reported). Dead
+    inputs are erased once at the end."""
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, cache: _Cache,
+                ctx: PassContext) -> tuple[fx.Node, list[fx.Node]] | None:
+        raise NotImplementedError
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         graph, cache, dead = gm.graph, _Cache(), []
         for node in list(graph.nodes):
             if not match.is_op(node, _SDPA):
                 continue
-            args = _sdpa_args(node)
-            mask = args[3] if not isinstance(args, str) else match.arg(node, 3, "attn_mask")
-            mv = match.tensor_value(mask)
-            if mv is None or mv.dim() != 2:
-                continue  # no mask or not a [T, T] one: not this pattern (word pooling is 4-D)
-            if isinstance(args, str):
-                ctx.skip(node, args)
+            done = self.rewrite(gm, node, cache, ctx)
+            if done is None:
                 continue
-            q, k, v, _, scale = args
-            why = _tensor_ok(q, k, v)
-            if why:
-                ctx.skip(node, why)
-                continue
-            qv, kv, vv = (match.tensor_value(x) for x in (q, k, v))
-            n = qv.shape[-2]
-            if qv.dim() < 3 or not _same(kv.shape[-2], n) or not _same(vv.shape[-2], n) \
-                    or mv.dtype != torch.bool or not all(_same(s, n) for s in mv.shape):
-                ctx.skip(node, "not self-attention with a [T, T] bool mask")
-                continue
-            proof = cache.get((mask,), lambda m=mask, n=n: prove_window_mask(gm, m, n))
-            if isinstance(proof, str):
-                ctx.skip(node, proof)
-                continue
-            offsets, window = proof
-            k2, v2 = _unrepeat(k, qv.shape[-3]), _unrepeat(v, qv.shape[-3])
-            if (k2 is k) != (v2 is v):
-                k2, v2 = k, v
-            with graph.inserting_before(node):
-                wa = graph.call_function(torch.ops.aa.window_attention.default,
-                                         (q, k2, v2, offsets, window, scale))
-                out = graph.call_function(operator.getitem, (wa, 0))
+            out, used = done
             out.meta.update(node.meta)
             node.replace_all_uses_with(out)
             graph.erase_node(node)
-            dead += [k, v, mask]
+            dead += used
             ctx.rewrote(out)
         _erase_dead(graph, _ancestors(dead))
         gm.recompile()
+
+
+class WindowAttentionPass(_SdpaRewritePass):
+    name = "hat_window_attention"
+    description = ("SDPA with a proven causal sliding-window document mask "
+                   "-> aa::window_attention")
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, cache: _Cache,
+                ctx: PassContext) -> tuple[fx.Node, list[fx.Node]] | None:
+        graph = gm.graph
+        args = _sdpa_args(node)
+        mask = args[3] if not isinstance(args, str) else match.arg(node, 3, "attn_mask")
+        mv = match.tensor_value(mask)
+        if mv is None or mv.dim() != 2:
+            return None  # no mask or not a [T, T] one: not this pattern (word pooling is 4-D)
+        if isinstance(args, str):
+            ctx.skip(node, args)
+            return None
+        q, k, v, _, scale = args
+        why = _tensor_ok(q, k, v)
+        if why:
+            ctx.skip(node, why)
+            return None
+        qv, kv, vv = (match.tensor_value(x) for x in (q, k, v))
+        n = qv.shape[-2]
+        if qv.dim() < 3 or not _same(kv.shape[-2], n) or not _same(vv.shape[-2], n) \
+                or mv.dtype != torch.bool or not all(_same(s, n) for s in mv.shape):
+            ctx.skip(node, "not self-attention with a [T, T] bool mask")
+            return None
+        proof = cache.get((mask,), lambda m=mask, n=n: prove_window_mask(gm, m, n))
+        if isinstance(proof, str):
+            ctx.skip(node, proof)
+            return None
+        offsets, window = proof
+        k2, v2 = _unrepeat(k, qv.shape[-3]), _unrepeat(v, qv.shape[-3])
+        if (k2 is k) != (v2 is v):
+            k2, v2 = k, v
+        with graph.inserting_before(node):
+            wa = graph.call_function(torch.ops.aa.window_attention.default,
+                                     (q, k2, v2, offsets, window, scale))
+            out = graph.call_function(operator.getitem, (wa, 0))
+        return out, [k, v, mask]
 
 
 def _ancestors(nodes) -> list[fx.Node]:
@@ -660,64 +680,56 @@ def _query(q: fx.Node) -> fx.Node:
     return q
 
 
-class WordPoolPass(GraphPass):
+class WordPoolPass(_SdpaRewritePass):
     name = "hat_word_pool"
     description = ("SDPA of one query per word over the padded gathered bytes with a proven "
                    "word mask -> aa::word_pool")
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        graph, cache, dead = gm.graph, _Cache(), []
-        for node in list(graph.nodes):
-            if not match.is_op(node, _SDPA):
-                continue
-            args = _sdpa_args(node)
-            if isinstance(args, str):
-                continue  # the window pass reports SDPA options; pooling never sets them
-            q, k, v, mask, scale = args
-            mv, qv = match.tensor_value(mask), match.tensor_value(q)
-            gk, gv = _gathered(k), _gathered(v)
-            if mv is None or mv.dim() != 4 or gk is None or gv is None:
-                continue  # not the padded pooling pattern
-            why = _tensor_ok(q, gk[0], gv[0])
-            if why:
-                ctx.skip(node, why)
-                continue
-            (kb, index), (vb, index_v) = gk, gv
-            if index_v is not index:
-                ctx.skip(node, "keys and values are gathered with different index tensors")
-                continue
-            kbv, vbv = match.tensor_value(kb), match.tensor_value(vb)
-            n_words, width = match.tensor_value(index).shape
-            if qv.dim() != 4 or mv.dtype != torch.bool:
-                ctx.skip(node, "q is not [W, H, 1, hd] or the mask is not bool")
-                continue
-            h = qv.shape[1]
-            if not (_same(qv.shape[0], n_words) and _same(qv.shape[2], 1)
-                    and _same(kbv.shape[1], h) and _same(vbv.shape[1], h)
-                    and _same(kbv.shape[0], vbv.shape[0]) and _same(mv.shape[0], n_words)
-                    and _same(mv.shape[2], 1) and _same(mv.shape[3], width)
-                    and (_same(mv.shape[1], 1) or _same(mv.shape[1], h))):
-                ctx.skip(node, "shapes are not q [W, H, 1, hd], k/v [W, H, L, hd], mask "
-                               "[W, 1, 1, L] bool")
-                continue
-            proof = cache.get((index, mask), lambda i=index, m=mask, t=kbv.shape[0]:
-                              prove_word_grid(gm, i, m, t))
-            if isinstance(proof, str):
-                ctx.skip(node, proof)
-                continue
-            src = _query(q)
-            with graph.inserting_before(node):
-                q3 = graph.call_method("squeeze", (src, 2))
-                wp = graph.call_function(torch.ops.aa.word_pool.default,
-                                         (q3, kb, vb, proof, scale))
-                out = graph.call_method("unsqueeze", (wp, 2))
-            out.meta.update(node.meta)
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
-            dead += [q, k, v, mask]
-            ctx.rewrote(out)
-        _erase_dead(graph, _ancestors(dead))
-        gm.recompile()
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, cache: _Cache,
+                ctx: PassContext) -> tuple[fx.Node, list[fx.Node]] | None:
+        graph = gm.graph
+        args = _sdpa_args(node)
+        if isinstance(args, str):
+            return None  # the window pass reports SDPA options; pooling never sets them
+        q, k, v, mask, scale = args
+        mv, qv = match.tensor_value(mask), match.tensor_value(q)
+        gk, gv = _gathered(k), _gathered(v)
+        if mv is None or mv.dim() != 4 or gk is None or gv is None:
+            return None  # not the padded pooling pattern
+        why = _tensor_ok(q, gk[0], gv[0])
+        if why:
+            ctx.skip(node, why)
+            return None
+        (kb, index), (vb, index_v) = gk, gv
+        if index_v is not index:
+            ctx.skip(node, "keys and values are gathered with different index tensors")
+            return None
+        kbv, vbv = match.tensor_value(kb), match.tensor_value(vb)
+        n_words, width = match.tensor_value(index).shape
+        if qv.dim() != 4 or mv.dtype != torch.bool:
+            ctx.skip(node, "q is not [W, H, 1, hd] or the mask is not bool")
+            return None
+        h = qv.shape[1]
+        if not (_same(qv.shape[0], n_words) and _same(qv.shape[2], 1)
+                and _same(kbv.shape[1], h) and _same(vbv.shape[1], h)
+                and _same(kbv.shape[0], vbv.shape[0]) and _same(mv.shape[0], n_words)
+                and _same(mv.shape[2], 1) and _same(mv.shape[3], width)
+                and (_same(mv.shape[1], 1) or _same(mv.shape[1], h))):
+            ctx.skip(node, "shapes are not q [W, H, 1, hd], k/v [W, H, L, hd], mask "
+                           "[W, 1, 1, L] bool")
+            return None
+        proof = cache.get((index, mask), lambda i=index, m=mask, t=kbv.shape[0]:
+                          prove_word_grid(gm, i, m, t))
+        if isinstance(proof, str):
+            ctx.skip(node, proof)
+            return None
+        src = _query(q)
+        with graph.inserting_before(node):
+            q3 = graph.call_method("squeeze", (src, 2))
+            wp = graph.call_function(torch.ops.aa.word_pool.default,
+                                     (q3, kb, vb, proof, scale))
+            out = graph.call_method("unsqueeze", (wp, 2))
+        return out, [q, k, v, mask]
 
 
 # -- guide add --------------------------------------------------------------------------------

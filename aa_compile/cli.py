@@ -146,12 +146,11 @@ def _fdtm(args: argparse.Namespace) -> int:
         return 0
     if args.action == "plan" and args.budget is not None:
         # FDTM plan at a fixed budget (no sweep needed), beside uniform pruning at that sparsity
-        if args.budget_method == "refine":
-            res = dtm.refine_plan(model, prompts, args.n_tokens, args.budget, progress=True)
-        else:
-            res = dtm.budget_plan(model, prompts, args.n_tokens, args.budget, progress=True)
+        planner = dtm.refine_plan if args.budget_method == "refine" else dtm.budget_plan
+        ref = dtm.generate(model, prompts, args.n_tokens)  # the base continuations, once for both
+        res = planner(model, prompts, args.n_tokens, args.budget, reference=ref, progress=True)
         uniform = dtm.apply(model, {c: f"prune:{args.budget}" for c in dtm.find_components(model)})
-        res["uniform"] = dtm.dtm(model, uniform, prompts, args.n_tokens).summary()
+        res["uniform"] = dtm.dtm(model, uniform, prompts, args.n_tokens, reference=ref).summary()
         Path(args.out).write_text(json.dumps(res, indent=2))
         print(f"plan: {len(res['plan'])} components, {res['share_saved']:.1%} of component bytes "
               f"pruned in {res['rounds']} rounds; fdt_median={res['measured']['fdt_median']:.1f} "

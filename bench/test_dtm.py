@@ -39,16 +39,6 @@ from bench.harness import variant as built_variant
 RESULTS = Path(__file__).parent / "results"
 
 
-def _median_time(fn, reps: int = 5) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def bench_sweep(n_prompts=16, prompt_len=32, n_tokens=32, levels=("prune:0.5", "int8"),
                 reps=3) -> dict:
     from bench.train_reference import load_or_train

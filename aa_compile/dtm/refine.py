@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .components import find_components, magnitude_prune, parse, set_weight_oi, weight_oi
 from .metrics import check_prompts, generate
-from .rounds import RANK_STATISTICS
+from .rounds import RANK_STATISTICS, _check_fraction
 from .sweep import _Context, _part
 
 
@@ -76,18 +76,15 @@ def refine_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float |
     check_prompts(prompts, n_tokens)
     if statistic not in RANK_STATISTICS:
         raise ValueError(f"statistic must be one of {RANK_STATISTICS}, got {statistic!r}")
-    for name, v, lo in (("step", step, 0.0), ("min_step", min_step, 0.0),
-                        ("max_sparsity", max_sparsity, 0.0)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < 1:
-            raise ValueError(f"{name} must be in (0, 1), got {v!r}")
+    for name, v in (("step", step), ("min_step", min_step), ("max_sparsity", max_sparsity)):
+        _check_fraction(name, v, closed=False)
     if min_step > step:
         raise ValueError(f"min_step ({min_step}) must not exceed step ({step})")
     for name, v in (("rounds", rounds), ("candidates", candidates)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if start is None and (isinstance(share, bool) or not isinstance(share, (int, float))
-                          or not 0 < share <= max_sparsity):
-        raise ValueError(f"share must be in (0, max_sparsity={max_sparsity}], got {share!r}")
+    if start is None:
+        _check_fraction("share", share, high=max_sparsity)
     model.eval()
     comps = find_components(model)
     counts = _start_counts(comps, share, start)

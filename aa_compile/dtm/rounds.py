@@ -24,12 +24,22 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .components import find_components, magnitude_prune, set_weight_oi, weight_oi
+from .apply import apply
+from .components import find_components, magnitude_prune, parse, set_weight_oi, weight_oi
 from .metrics import check_prompts, dtm, generate
+from .planner import _report
 from .sweep import _Context
 
 DEFAULT_STEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 RANK_STATISTICS = ("fdt_mean", "fdt_median", "fdt_p10", "fdt_p25", "fdt_min")
+
+
+def _check_fraction(name: str, value, high: float = 1.0, closed: bool = True) -> None:
+    """``ValueError`` unless ``value`` is a real number (not a bool) in ``(0, high]``
+    (``closed``) or ``(0, high)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (0 < value <= high if closed else 0 < value < high):
+        raise ValueError(f"{name} must be in (0, {high}{']' if closed else ')'}, got {value!r}")
 
 
 def _check_steps(steps) -> tuple[float, ...]:
@@ -59,17 +69,11 @@ def budget_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float,
     the final model's measured summary (applied for real) and the number of rounds and
     measurements. Raises ``ValueError`` for a share the ladder cannot reach.
     """
-    from .apply import apply
-    from .components import parse
-
     check_prompts(prompts, n_tokens)
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise ValueError(f"share must be a fraction in (0, 1], got {share!r}")
+    _check_fraction("share", share)
     if statistic not in RANK_STATISTICS:
         raise ValueError(f"statistic must be one of {RANK_STATISTICS}, got {statistic!r}")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or \
-            not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    _check_fraction("fraction", fraction)
     if rank not in ("per_byte", "result"):
         raise ValueError(f"rank must be 'per_byte' or 'result', got {rank!r}")
     steps = _check_steps(steps)
@@ -133,13 +137,9 @@ def budget_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float,
         bar.close()
     plan = {n: parse(f"prune:{steps[i]}").spec for n, i in level.items() if i >= 0}
     measured = dtm(model, apply(model, plan), prompts, n_tokens, reference, batch_size).summary()
-    counts: dict[str, int] = {}
-    for lv in plan.values():
-        counts[lv] = counts.get(lv, 0) + 1
-    return {"plan": plan, "bytes_saved": saved(), "component_bytes": total,
-            "share_saved": saved() / total, "target_share": share, "level_counts": counts,
-            "measured": measured, "rounds": rounds, "measurements": measurements,
-            "statistic": statistic, "rank": rank, "steps": list(steps), "fraction": fraction}
+    return _report(model, plan, measured, target_share=share, rounds=rounds,
+                   measurements=measurements, statistic=statistic, rank=rank, steps=list(steps),
+                   fraction=fraction)
 
 
 @torch.no_grad()
@@ -155,9 +155,7 @@ def equal_reduction(model: nn.Module, prompts: Tensor, n_tokens: int,
     (`aa_compile.dtm.refine.refine_plan`, exchanges starting from the uniform plan).
     ``eval_prompts``: held-out prompts the plan was not made on; when given, each row also has
     ``uniform_eval`` and ``plan_eval`` summaries on them (the fair comparison)."""
-    from .apply import apply
-    from .components import parse
-    from .refine import refine_plan
+    from .refine import refine_plan  # refine imports this module
 
     if method not in ("rounds", "refine"):
         raise ValueError(f"method must be 'rounds' or 'refine', got {method!r}")
@@ -183,11 +181,11 @@ def equal_reduction(model: nn.Module, prompts: Tensor, n_tokens: int,
             planned = refine_plan(model, prompts, n_tokens, s, reference=reference,
                                   progress=progress, **plan_kwargs)
         plan_model = apply(model, planned["plan"])
-        plan_share = sum(parse(spec).bytes_saved(comps[c], elt)
-                         for c, spec in planned["plan"].items()) / total
+        # budget_plan's "measured" is this very dtm summary; refine_plan's is from resumed passes
+        plan_summary = planned["measured"] if method == "rounds" else \
+            dtm(model, plan_model, prompts, n_tokens, reference).summary()
         row = {"sparsity": s, "method": method, "share_uniform": uniform_share,
-               "share_plan": plan_share, "uniform": uniform,
-               "plan": dtm(model, plan_model, prompts, n_tokens, reference).summary(),
+               "share_plan": planned["share_saved"], "uniform": uniform, "plan": plan_summary,
                "plan_levels": planned.get("level_counts"), "rounds": planned["rounds"],
                "measurements": planned["measurements"],
                "plan_spec": planned["plan"]}

@@ -11,21 +11,10 @@ used as such by the CPU path; the other kernels get it concatenated in front of 
 
 from __future__ import annotations
 
-import torch
 from aa_compile.kernels import triton_module
 from torch import Tensor
 
 from . import cpu, reference
-
-
-def with_prefix(k: Tensor, v: Tensor, prefix_k: Tensor | None,
-                prefix_v: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One key sequence per row: the prefix (broadcast over the batch) followed by ``k``."""
-    if prefix_k is None:
-        return k, v
-    b = k.shape[0]
-    return (torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2),
-            torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2))
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor, suppress_factor: Tensor,
@@ -34,7 +23,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor, suppress_fact
     if q.device.type == "cpu":
         return cpu.atman_attention(q, k, v, suppress_idx, suppress_factor, mode, is_causal,
                                    q_offset, scale, prefix_k, prefix_v)
-    k, v = with_prefix(k, v, prefix_k, prefix_v)
+    k, v = reference.with_prefix(k, v, prefix_k, prefix_v)
     if q.device.type == "cuda" and triton_module(__name__) is not None and q.dtype.itemsize < 8:
         impl = triton_module(__name__).atman_attention
     else:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import dense_factors
+from .reference import allowed_mask, dense_factors, with_prefix
 
 TILE_BYTES = 8 << 20
 QUERY_CHUNK = 128  # causal own-key attention runs in query chunks of this many rows
@@ -60,8 +60,6 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
 def _prefix_part(q: Tensor, pk: Tensor, pv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Every query against the shared prefix keys ``[1, Hkv, P, D]`` (no mask)."""
     bsz, h, sq, d = q.shape
-    if bsz == 1:
-        return _flash(q, pk, pv, None, False, scale)
     qf = q.transpose(0, 1).reshape(1, h, bsz * sq, d)
     out, lse = _flash(qf, pk, pv, None, False, scale)
     out = out.view(h, bsz, sq, out.shape[-1]).transpose(0, 1)
@@ -78,10 +76,7 @@ def _own_part(q: Tensor, k: Tensor, v: Tensor, sup, mode: str, is_causal: bool, 
     if sup is None and (not is_causal or (shift == 0 and not chunked)):
         return _flash(q, k, v, None, is_causal, scale)
     mask = torch.zeros(sq, sk, dtype=q.dtype, device=q.device)
-    if is_causal:
-        rows = torch.arange(sq, device=q.device)[:, None] + shift
-        mask.masked_fill_(torch.arange(sk, device=q.device)[None, :] > rows, _NEG)
-    mask = mask[None, None]
+    mask = mask.masked_fill_(~allowed_mask(sq, sk, is_causal, shift, q.device), _NEG)[None, None]
     if sup is not None:
         pos, fac = sup
         col = torch.where(pos < 0, sk, pos - first)
@@ -121,15 +116,13 @@ def _row_min(q: Tensor, pk: Tensor | None, k: Tensor, is_causal: bool, shift: in
     blk = max(1, min(sq, TILE_BYTES // max(1, q.element_size() * bsz * h * max(sk, n_pre))))
     qg = q.view(bsz, hkv, g, sq, d)
     kt = k.transpose(-1, -2)
-    keys = torch.arange(sk, device=q.device)
     for start in range(0, sq, blk):
         stop = min(sq, start + blk)
         n = stop - start
         qb = qg[:, :, :, start:stop].reshape(bsz, hkv, g * n, d) * scale
         s = torch.matmul(qb, kt).view(bsz, hkv, g, n, sk)
         if is_causal:
-            hidden = keys[None, :] > torch.arange(start, stop, device=q.device)[:, None] + shift
-            s.masked_fill_(hidden, float("inf"))
+            s.masked_fill_(~allowed_mask(n, sk, True, start + shift, q.device), float("inf"))
         m = s.amin(-1) if sk else s.new_full(s.shape[:-1], float("inf"))
         if n_pre:
             qf = qb.transpose(0, 1).reshape(hkv, bsz * g * n, d)
@@ -179,8 +172,7 @@ def atman_attention(q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor,
         or (is_causal and q_offset < n_pre - 1)  # some query does not see the whole prefix
         or (sup is not None and bool(((sup[0] >= 0) & (sup[0] < n_pre)).any()))
     ):
-        k = torch.cat([prefix_k.expand(bsz, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix_v.expand(bsz, -1, -1, -1), v], dim=2)
+        k, v = with_prefix(k, v, prefix_k, prefix_v)
         n_pre = 0
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
     pk = prefix_k.to(cdt) if n_pre else None

@@ -46,16 +46,23 @@ def allowed_mask(sq: int, sk: int, is_causal: bool, q_offset: int, device) -> Te
     return torch.arange(sk, device=device)[None, :] <= i
 
 
+def with_prefix(k: Tensor, v: Tensor, prefix_k: Tensor | None,
+                prefix_v: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One key sequence per row: the prefix (broadcast over the batch) followed by ``k``."""
+    if prefix_k is None:
+        return k, v
+    b = k.shape[0]
+    return (torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2),
+            torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2))
+
+
 def atman_attention(q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor,
                     suppress_factor: Tensor, mode: str, is_causal: bool, q_offset: int,
                     scale: float | None, prefix_k: Tensor | None = None,
                     prefix_v: Tensor | None = None) -> Tensor:
     """Dense float64 evaluation; returns ``q.dtype``. A ``prefix_k``/``prefix_v``
     (``[1 or B, Hkv, P, D]``) stands in front of every row's keys."""
-    if prefix_k is not None:
-        b = k.shape[0]
-        k = torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2)
+    k, v = with_prefix(k, v, prefix_k, prefix_v)
     _bsz, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale

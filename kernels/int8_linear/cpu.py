@@ -78,6 +78,4 @@ def blocked_linear(x2: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | No
         y.mul_(scales.to(acc))
         if bias is not None:
             y.add_(bias.to(acc))
-    elif bias is not None:
-        y.copy_(bias.to(acc).expand(m, n))
     return y

@@ -343,17 +343,16 @@ def inductor_decompositions() -> dict:
         n_bags = offsets.shape[0] - 1
         if isinstance(n_bags, int) and n_bags * h * weight.element_size() > CHUNK_BYTES:
             return _decline(torch.ops.aa.trigram_bag.default)
+        if native(weight):
+            # the AVX2 kernel through a plain op: it checks the offsets and indices itself
+            return torch.ops.aa.trigram_bag_cpu(weight, indices, offsets, per_sample_weights)
         # ATen's kernel checks every index it reads (RuntimeError naming the bad one) and
         # offsets[0]. The rest is checked by inductor asserts: offsets[-1] == nnz and
         # non-decreasing offsets. (fbgemm's kernels reject some decreasing offsets themselves,
         # but not every pattern, as a CI run showed: the loop over the offsets stays, one
         # cheap pass over n_bags + 1 integers.)
-        if weight.dtype == torch.float32 and cpu_avx2.available():
-            # the AVX2 kernel through a plain op: it checks the offsets and indices itself
-            return torch.ops.aa.trigram_bag_cpu(weight, indices, offsets, per_sample_weights)
         nnz = indices.shape[0]
-        msg = ("aa::trigram_bag: offsets must start at 0, be non-decreasing and end at nnz == "
-               "indices.numel() (CSR bag boundaries)")
+        msg = f"aa::trigram_bag: {cpu_avx2.OFFSETS_MESSAGE}"
         torch.ops.aten._assert_async.msg(offsets[-1] == nnz, msg)
         torch.ops.aten._assert_async.msg((offsets[1:] >= offsets[:-1]).all(), msg)
         return _bag(weight.contiguous(), indices, offsets, per_sample_weights)

@@ -776,7 +776,6 @@ class NormUse:
     """An RMSNorm of the guided sum ``y`` (through reshapes and exact casts): ``aa::rms_norm``
     from the rms_norm pass, or a form that pass matches, with its guard holding."""
 
-    node: fx.Node  # the norm (aa::rms_norm, or the rsqrt/sqrt/F.rms_norm it was matched at)
     output: fx.Node  # its uses go to the fused op's ``normed``
     weight: fx.Node | None
     eps: float | fx.Node  # a node when dynamo made eps a symbolic float
@@ -864,9 +863,6 @@ def find_norm(y: fx.Node, decomposed: dict) -> NormUse | str | None:
         if ov is None or ov.dtype not in _FLOAT or ov.dim() != cv.dim() \
                 or not all(_same(a, b) for a, b in zip(ov.shape, cv.shape)):
             why = why or "the norm's output is not a float tensor of its input's shape"
-        elif cv.dtype not in _exact_dtypes(yv.dtype):
-            why = why or (f"the norm reads the guided sum as {cv.dtype}, not {yv.dtype}"
-                          f"{' or float32' if yv.dtype in (torch.float16, torch.bfloat16) else ''}")
         elif weight is not None and (wv is None or wv.dim() != 1 or wv.dtype not in _FLOAT
                                      or not _same(wv.shape[0], yv.shape[-1])
                                      or wv.device != yv.device):
@@ -875,11 +871,11 @@ def find_norm(y: fx.Node, decomposed: dict) -> NormUse | str | None:
             if not isinstance(match.value(eps), (float, torch.SymFloat)):
                 why = why or "the norm's eps is not a float"
             else:
-                return NormUse(norm, output, weight, eps, ov.dtype, nodes, chain)
+                return NormUse(output, weight, eps, ov.dtype, nodes, chain)
         elif not match.is_number(eps) or not math.isfinite(eps) or eps < 0:
             why = why or f"the norm's eps {eps!r} is not a finite number >= 0"
         else:
-            return NormUse(norm, output, weight, float(eps), ov.dtype, nodes, chain)
+            return NormUse(output, weight, float(eps), ov.dtype, nodes, chain)
     return why
 
 

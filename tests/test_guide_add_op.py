@@ -15,12 +15,7 @@ from .test_word_pool_op import TEXTS, _hat
 ADD, NORM = torch.ops.aa.guide_add, torch.ops.aa.guide_add_rms_norm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _leaf(t):

@@ -102,14 +102,8 @@ def inductor_decompositions() -> dict:
             return NotImplemented
         acc = compute_dtype(y.dtype)
         total, dweight = None, None
-        if grad_normed is not None:
-            yf, gn = y.to(acc), grad_normed.to(acc)
-            rstd = torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
-            xhat = yf * rstd
-            gw = gn * weight.to(acc) if weight is not None else gn
-            total = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
-            if weight is not None:
-                dweight = (gn * xhat).sum(0).to(weight.dtype)
+        if grad_normed is not None:  # (y in acc: the norm's dx stays unrounded)
+            total, dweight = rms_reference.rms_norm_backward(grad_normed, y.to(acc), weight, eps)
         elif weight is not None:
             dweight = torch.zeros_like(weight)
         if grad_y is not None:

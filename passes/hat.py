@@ -92,7 +92,7 @@ from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw, static
 
 from . import match
 from .base import GraphPass, PassContext
-from .rms_norm import RMSNormMatch, _guard, _is_cast, _match_decomposed, _match_functional
+from .rms_norm import RMSNormMatch, _is_cast, match_rms_norm
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -789,12 +789,8 @@ def decomposed_norms(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, RMSNorm
     disabled, or run after this one), by input node."""
     found = {}
     for node in gm.graph.nodes:
-        if match.is_op(node, (torch.rsqrt, torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt),
-                       ("rsqrt", "sqrt")):
-            m = _match_decomposed(node)
-        else:
-            m = _match_functional(node)
-        if isinstance(m, RMSNormMatch) and _guard(m) is None:
+        m = match_rms_norm(node)
+        if isinstance(m, RMSNormMatch):
             found.setdefault(m.x, (node, m))
     return found
 

@@ -194,6 +194,20 @@ def _guard(m: RMSNormMatch) -> str | None:
     return None
 
 
+def match_rms_norm(node: fx.Node) -> RMSNormMatch | str | None:
+    """The RMSNorm ``node`` belongs to (spelled out, found from its ``rsqrt``/``sqrt``, or an
+    ``F.rms_norm`` call), with `_guard`'s verdict applied: a match the op can take, the reason
+    it cannot, or None (no RMSNorm here)."""
+    if match.is_op(node, (torch.rsqrt, torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt),
+                   ("rsqrt", "sqrt")):
+        found = _match_decomposed(node)
+    else:
+        found = _match_functional(node)
+    if isinstance(found, RMSNormMatch):
+        return _guard(found) or found
+    return found
+
+
 class RMSNormPass(GraphPass):
     name = "rms_norm"
     description = "RMSNorm (F.rms_norm or hand-written) -> aa::rms_norm"
@@ -201,20 +215,13 @@ class RMSNormPass(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         graph = gm.graph
         for node in list(graph.nodes):
-            if match.is_op(node, (torch.rsqrt, torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt),
-                           ("rsqrt", "sqrt")):
-                found = _match_decomposed(node)
-            else:
-                found = _match_functional(node)
+            found = match_rms_norm(node)
             if found is None:
                 continue
             if isinstance(found, RMSNormMatch):
-                reason = _guard(found)
-                if reason is None:
-                    self._replace(graph, found)
-                    ctx.rewrote(node)
-                    continue
-                found = reason
+                self._replace(graph, found)
+                ctx.rewrote(node)
+                continue
             ctx.skip(node, found)
         gm.recompile()
 

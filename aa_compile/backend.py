@@ -22,7 +22,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from aa_compile._logging import log
 from aa_compile.config import Config
-from aa_compile.passes import PASSES, PassContext, PassResult
+from aa_compile.passes.base import PassContext, PassResult
+from aa_compile.passes.pipeline import PASSES
 from aa_compile.report import GraphReport, next_graph_index, record
 
 

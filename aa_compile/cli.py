@@ -20,7 +20,7 @@ def _info(args: argparse.Namespace) -> int:
 
     import aa_compile
     from aa_compile.ops import OPS
-    from aa_compile.passes import PIPELINE
+    from aa_compile.passes.pipeline import PIPELINE
 
     try:
         import triton

@@ -30,7 +30,7 @@ class Config:
             for tests and debugging); ``"aot_eager"`` traces forward and backward with
             aot_autograd but does not generate code; ``"tensorrt"`` needs ``torch-tensorrt``.
         passes: names of the passes to run, in pipeline order. ``None`` runs every pass that is
-            enabled by default (see ``aa_compile.passes.PIPELINE``).
+            enabled by default (see ``aa_compile.passes.pipeline.PIPELINE``).
         disable: names of passes to leave out (applied after ``passes``).
         strict: raise when a pass fails instead of logging the error and skipping the pass.
         mode: the inductor mode (as in ``torch.compile(mode=...)``).
@@ -54,7 +54,7 @@ class Config:
     fp8_keep: tuple[str, ...] = FP8_KEEP
 
     def __post_init__(self) -> None:
-        from aa_compile.passes import PASSES
+        from aa_compile.passes.pipeline import PASSES
 
         if self.inner_compiler not in INNER_COMPILERS:
             raise ValueError(
@@ -116,7 +116,7 @@ class Config:
 
     def enabled_passes(self) -> list[str]:
         """Pass names that will run, in pipeline order."""
-        from aa_compile.passes import PIPELINE
+        from aa_compile.passes.pipeline import PIPELINE
 
         if self.passes is None:
             chosen = [p.name for p in PIPELINE if p.default_enabled]

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from aa_compile.passes import PassResult
+from aa_compile.passes.base import PassResult
 
 
 @dataclasses.dataclass

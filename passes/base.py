@@ -56,7 +56,7 @@ class PassContext:
 
 
 class GraphPass(CustomGraphPass):
-    """Base class of the passes in `aa_compile.passes.PIPELINE`."""
+    """Base class of the passes in `aa_compile.passes.pipeline.PIPELINE`."""
 
     name: ClassVar[str]
     description: ClassVar[str]

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import aa_compile
-from aa_compile.passes import PASSES
+from aa_compile.passes.pipeline import PASSES
 
 
 class MLP(nn.Module):
@@ -75,7 +75,7 @@ def test_unmatched_model_runs_like_eager(inner):
     torch.manual_seed(0)
     model, x = MLP(), torch.randn(4, 16, requires_grad=True)
     rep = aa_compile.report(model, x, options={"inner_compiler": inner})
-    from aa_compile.passes import PASSES
+    from aa_compile.passes.pipeline import PASSES
 
     assert rep.rewrites == dict.fromkeys(PASSES, 0)
     compiled = torch.compile(model, backend="aa", options={"inner_compiler": inner})
@@ -144,7 +144,7 @@ def test_pass_uuid_is_stable_across_processes():
     here = PASSES["rms_norm"].uuid()
     assert isinstance(here, bytes) and here == type(PASSES["rms_norm"])().uuid()
     proc = run_python(
-        "from aa_compile.passes import PASSES; print(PASSES['rms_norm'].uuid().hex())"
+        "from aa_compile.passes.pipeline import PASSES; print(PASSES['rms_norm'].uuid().hex())"
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == here.hex()

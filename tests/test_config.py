@@ -1,7 +1,7 @@
 import pytest
 
 from aa_compile import Config
-from aa_compile.passes import PIPELINE
+from aa_compile.passes.pipeline import PIPELINE
 
 
 def test_defaults_enable_every_default_pass():

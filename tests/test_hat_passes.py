@@ -23,7 +23,7 @@ from aa_compile.config import Config
 from aa_compile.models.hat import HATConfig, HATModel, sliding_window_mask
 from aa_compile.models.transformer import RMSNorm
 from aa_compile.report import CompileReport
-from passes.hat import prove_window_mask, window_definition
+from aa_compile.passes.hat import prove_window_mask, window_definition
 
 FUSED, ADD = torch.ops.aa.guide_add_rms_norm.default, torch.ops.aa.guide_add.default
 RMS, WINDOW = torch.ops.aa.rms_norm.default, torch.ops.aa.window_attention.default

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import aa_compile
-from aa_compile.passes import PASSES
+from aa_compile.passes.pipeline import PASSES
 from aa_compile.models.transformer import RMSNorm
 
 EAGER = {"inner_compiler": "eager"}

@@ -197,7 +197,7 @@ def test_dynamic_shapes_with_symbolic_eps(inner):
 
 def test_pass_runs_through_the_custom_graph_pass_interface():
     """GraphPass.__call__(graph) (inductor's CustomGraphPass hook) rewrites like run() does."""
-    from aa_compile.passes import PASSES
+    from aa_compile.passes.pipeline import PASSES
 
     seen = []
 

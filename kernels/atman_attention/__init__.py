@@ -11,7 +11,7 @@ used as such by the CPU path; the other kernels get it concatenated in front of 
 
 from __future__ import annotations
 
-from aa_compile.kernels import triton_module
+from aa_compile.kernels.lazy_triton import triton_module
 from torch import Tensor
 
 from . import cpu, reference

@@ -11,7 +11,7 @@ against the head's slot probabilities, then top-k), one module per device, with 
 from __future__ import annotations
 
 import torch
-from aa_compile.kernels import triton_module
+from aa_compile.kernels.lazy_triton import triton_module
 from torch import Tensor
 
 from . import cpu, reference  # noqa: F401  (reference: re-exported for tests)

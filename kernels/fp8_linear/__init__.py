@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import torch
-from aa_compile.kernels import triton_module
+from aa_compile.kernels.lazy_triton import triton_module
 from torch import Tensor
 
 from . import cpu, reference

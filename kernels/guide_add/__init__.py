@@ -16,7 +16,7 @@ Dispatch: CUDA float16/bfloat16/float32 with Triton -> ``triton_kernel``; everyt
 from __future__ import annotations
 
 import torch
-from aa_compile.kernels import triton_module
+from aa_compile.kernels.lazy_triton import triton_module
 from torch import Tensor
 
 from . import cpu, reference  # noqa: F401  (reference: re-exported for tests)

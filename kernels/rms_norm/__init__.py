@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import triton_module
+from aa_compile.kernels.lazy_triton import triton_module
 
 from . import cpu, reference
 

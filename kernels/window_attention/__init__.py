@@ -15,7 +15,7 @@ float64, CUDA without Triton, other devices) -> ``blocked``.
 from __future__ import annotations
 
 import torch
-from aa_compile.kernels import triton_module
+from aa_compile.kernels.lazy_triton import triton_module
 from torch import Tensor
 
 from . import blocked, cpu, reference  # noqa: F401  (reference: re-exported for tests)

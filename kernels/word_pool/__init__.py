@@ -15,7 +15,7 @@ bytes), one module per device, with the reference beside them.
 from __future__ import annotations
 
 import torch
-from aa_compile.kernels import triton_module
+from aa_compile.kernels.lazy_triton import triton_module
 from torch import Tensor
 
 from . import cpu, reference  # noqa: F401  (reference: re-exported for tests)

@@ -1,12 +1,14 @@
-"""The FX passes of the ``aa`` backend (shipped as ``aa_compile.passes``), one rewrite per file.
+"""The order the ``aa`` backend runs its FX passes in (`PIPELINE`) and their names (`PASSES`).
 
-`PIPELINE` is the order they run in; `PASSES` maps names to instances. Add a pass by writing
-``passes/<name>.py`` with a `GraphPass` subclass and listing it in `PIPELINE`.
+The passes ship as ``aa_compile.passes``, one rewrite per file. ``passes/`` has no
+``__init__.py`` on purpose: from the repository root a top-level ``passes`` must never shadow an
+installed package of that name. Add a pass by writing ``passes/<name>.py`` with a `GraphPass`
+subclass and listing it in `PIPELINE`.
 """
 
 from __future__ import annotations
 
-from .base import GraphPass, PassContext, PassResult, Skip
+from .base import GraphPass
 from .dictionary_score import DictionaryScorePass
 from .embedding_bag import EmbeddingBagPass
 from .fp8_linear import FP8LinearPass
@@ -19,4 +21,4 @@ PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(), EmbeddingBagPass(), TFreeEmbed
                                    WindowAttentionPass(), WordPoolPass(), GuideAddPass())
 PASSES: dict[str, GraphPass] = {p.name: p for p in PIPELINE}
 
-__all__ = ["PIPELINE", "PASSES", "GraphPass", "PassContext", "PassResult", "Skip"]
+__all__ = ["PIPELINE", "PASSES"]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
+import re
 import sys
+import warnings
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -72,25 +75,90 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+class CheckpointError(ValueError):
+    """A ``--checkpoint`` that cannot be used; ``main`` prints it as one line (exit code 2)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot read checkpoint {path}: {reason}")
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _load_checkpoint(path: str):
+    """``torch.load(path, weights_only=True)``, every failure as a :class:`CheckpointError`
+    with a short reason: torch's own messages are long and advise ``weights_only=False``,
+    which would run arbitrary code from an untrusted file."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # e.g. a pickle protocol note: not ours to print
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(path, e.strerror or _one_line(e)) from None
+    except EOFError:
+        raise CheckpointError(path, "the file is empty or truncated") from None
+    except pickle.UnpicklingError as e:
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if m:
+            raise CheckpointError(
+                path, f"it contains {m.group(1)}, which a weights-only load refuses (save "
+                "tensors and plain containers: a state dict or {'config', 'state_dict'})"
+            ) from None
+        raise CheckpointError(path, "corrupt or not a torch.save file") from None
+    except Exception as e:  # noqa: BLE001  (zip reader, unpickler internals: all "corrupt")
+        detail = _one_line(e).split(". ")[0] if isinstance(e, RuntimeError) else ""
+        raise CheckpointError(
+            path, "corrupt or not a torch.save file" + (f" ({detail})" if detail else "")
+        ) from None
+
+
+def _checkpoint_model(path: str, defaults: dict | None = None):
+    """The reference transformer of a checkpoint (``explain`` and ``fdtm``):
+    ``{'config', 'state_dict'}`` or, where ``defaults`` (config fields) are given, also a bare
+    state dict; content that does not fit is a :class:`CheckpointError` as well."""
+    from aa_compile.models import Transformer, TransformerConfig
+
+    ckpt = _load_checkpoint(path)
+    fields = dict(defaults or {})
+    if isinstance(ckpt, dict) and "state_dict" in ckpt and "config" in ckpt:
+        config, state = ckpt["config"], ckpt["state_dict"]
+        if not isinstance(config, dict):
+            raise CheckpointError(path, f"'config' is a {type(config).__name__}, not a dict")
+        fields.update(config)
+    elif defaults is not None and isinstance(ckpt, dict):
+        state = ckpt.get("state_dict", ckpt)
+    else:
+        raise CheckpointError(path, "expected a dict {'config': ..., 'state_dict': ...}"
+                              + (" or a state dict" if defaults is not None else ""))
+    try:
+        model = Transformer(TransformerConfig(**fields))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"bad config: {_one_line(e)}") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        detail = _one_line(e).removeprefix("Error(s) in loading state_dict for Transformer: ")
+        raise CheckpointError(path, f"its weights do not fit the model: {detail}") from None
+    return model
+
+
 def _explain(args: argparse.Namespace) -> int:
     import torch
 
     from aa_compile.atman import explain
     from aa_compile.models import Transformer, TransformerConfig
 
-    state = None
     fields = {"vocab_size": args.vocab_size, "d_model": args.d_model, "n_layers": args.n_layers,
-                  "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "max_seq_len": args.max_seq_len}
+              "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "max_seq_len": args.max_seq_len}
     if args.checkpoint:
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(ckpt, dict) and "state_dict" in ckpt:
-            fields.update(ckpt.get("config", {}))
-            state = ckpt["state_dict"]
-        else:
-            state = ckpt
-    model = Transformer(TransformerConfig(**fields))
-    if state is not None:
-        model.load_state_dict(state)
+        model = _checkpoint_model(args.checkpoint, fields)
+    else:
+        model = Transformer(TransformerConfig(**fields))
     gen = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
 
@@ -113,12 +181,7 @@ def _fdtm_model(args: argparse.Namespace):
     import torch
 
     if args.checkpoint:
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        from aa_compile.models import Transformer, TransformerConfig
-
-        model = Transformer(TransformerConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval()
+        return _checkpoint_model(args.checkpoint).eval()
     from aa_compile.models import Transformer, TransformerConfig
 
     torch.manual_seed(args.seed)

@@ -241,6 +241,11 @@ class _NoSdpa(torch.nn.Module):
     ({"granularity": [(3, 99)]}, "spans"),
     ({"max_batch_size": 0}, "max_batch_size"),
     ({"batch_tokens": 0}, "batch_tokens"),
+    ({"layers": []}, "layers is empty"),
+    ({"target": [1, V]}, rf"target\[1\] = {V} .*\[0, {V}\)"),
+    ({"target": [-1, 2]}, rf"target\[0\] = -1 .*\[0, {V}\)"),
+    ({"input_ids": torch.tensor([0, 3, V + 5])}, rf"input_ids\[2\] = {V + 5} .*\[0, {V}\)"),
+    ({"input_ids": [4, -2, 1]}, rf"input_ids\[1\] = -2 .*\[0, {V}\)"),
 ])
 def test_bad_inputs(kwargs, match):
     model = _reference()
@@ -249,6 +254,34 @@ def test_bad_inputs(kwargs, match):
     ids, tgt = args.pop("input_ids"), args.pop("target")
     with pytest.raises((ValueError, TypeError), match=match):
         explain(model, ids, tgt, progress=False, **args)
+
+
+@pytest.mark.parametrize("name", ["reference", "gpt2", "llama"])
+def test_layer_indices_are_checked(name):
+    """2-layer models make 2 attention calls: 99, 2 and -3 are out of range (ValueError naming
+    the range); negative indices count from the end (-1 is layer 1)."""
+    torch.set_num_threads(1)
+    model = MODELS[name]()
+    prompt, target = torch.arange(3, 10), torch.tensor([5, 6])
+    for bad in ([99], [2], [-3], [0, 7]):
+        with pytest.raises(ValueError, match=r"layers.*2 attention calls.*0\.\.1.*-2\.\.-1"):
+            explain(model, prompt, target, layers=bad, progress=False)
+    last = explain(model, prompt, target, layers=[-1], progress=False)
+    one = explain(model, prompt, target, layers=[1], progress=False)
+    assert float(one.scores.abs().max()) > 1e-3
+    assert torch.equal(last.scores, one.scores)
+    with pytest.raises(TypeError, match="layers"):
+        explain(model, prompt, target, layers=[0.5], progress=False)
+
+
+@pytest.mark.parametrize("name", ["reference", "gpt2", "llama"])
+def test_token_ids_outside_the_vocabulary(name):
+    """Checked up front against the input embedding (HF ``get_input_embeddings()``)."""
+    model = MODELS[name]()
+    with pytest.raises(ValueError, match=rf"target\[2\] = {V} .*\[0, {V}\)"):
+        explain(model, torch.arange(5), [1, 2, V], progress=False)
+    with pytest.raises(ValueError, match=rf"input_ids\[0\] = {V + 1} .*\[0, {V}\)"):
+        explain(model, [V + 1, 2, 3], [1, 2], progress=False)
 
 
 def test_no_sdpa_model():

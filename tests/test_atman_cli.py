@@ -21,3 +21,10 @@ def test_explain_cli_random_and_checkpoint(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert len(d["scores"]) == 2 and len(d["scores"][0]) == 4
     assert main(["explain", "--factor", "2"]) == 2
+
+
+def test_explain_cli_token_id_outside_the_vocabulary(capsys):
+    assert main(["explain", "--vocab-size", "50", "--prompt", "1 2 3",
+                 "--target", "4 50"]) == 2
+    err = capsys.readouterr().err
+    assert "aa-compile: error: target[1] = 50 " in err and "[0, 50)" in err

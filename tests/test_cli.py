@@ -1,8 +1,13 @@
 """The aa-compile command line."""
 
+import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from aa_compile.cli import main
 
@@ -30,3 +35,70 @@ def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
+
+
+def _checkpoint(kind: str, path: Path) -> str:
+    """A checkpoint file that cannot be read (``kind``) at ``path``."""
+    cfg = {"vocab_size": 50, "d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 32}
+    if kind == "garbage":  # torch advises weights_only=False for this one
+        path.write_bytes(b"\x80\x02" + bytes(range(256)))
+    elif kind == "truncated":
+        torch.save({"config": cfg, "state_dict": {"w": torch.ones(64)}}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "global":  # a class weights_only=True refuses
+        torch.save({"config": argparse.Namespace(**cfg), "state_dict": {}}, path)
+    elif kind == "bare_state_dict":  # fdtm needs {'config', 'state_dict'}
+        torch.save({"w": torch.ones(2)}, path)
+    elif kind == "wrong_weights":
+        torch.save({"config": cfg, "state_dict": {"w": torch.ones(2)}}, path)
+    return str(path)
+
+
+COMMANDS = {
+    "explain": ["explain", "--prompt-len", "3", "--target-len", "1"],
+    "fdtm": ["fdtm", "sweep", "--n-prompts", "1", "--prompt-len", "3", "--n-tokens", "2"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("kind, reason", [
+    ("missing", "No such file or directory"),
+    ("garbage", "corrupt or not a torch.save file"),
+    ("truncated", "corrupt or not a torch.save file"),
+    ("empty", "empty"),
+    ("global", "argparse.Namespace"),
+    ("wrong_weights", "weights do not fit"),
+])
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys, command, kind, reason):
+    path = _checkpoint(kind, tmp_path / "m.pt")
+    argv = [*COMMANDS[command], "--checkpoint", path]
+    if command == "fdtm":
+        argv += ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1, cap.err
+    assert lines[0].startswith(f"aa-compile: error: cannot read checkpoint {path}: ")
+    assert reason in lines[0]
+    assert "weights_only" not in cap.err and "Traceback" not in cap.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fdtm_checkpoint_needs_a_config(tmp_path, capsys):
+    path = _checkpoint("bare_state_dict", tmp_path / "m.pt")
+    assert main(["fdtm", "sweep", "--checkpoint", path, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aa-compile: error: cannot read checkpoint {path}: ")
+    assert "'config'" in err
+
+
+def test_unreadable_checkpoint_exit_code_in_a_process(tmp_path):
+    path = _checkpoint("garbage", tmp_path / "m.pt")
+    proc = subprocess.run([sys.executable, "-m", "aa_compile.cli", "explain", "--checkpoint",
+                           path], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"aa-compile: error: cannot read checkpoint {path}: corrupt or not a torch.save file"]

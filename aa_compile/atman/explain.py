@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -78,6 +79,56 @@ def _input_embedding(model):
         "conceptual_threshold needs the model's input embedding: give the model "
         "get_input_embeddings() (HF) or an `embed` module"
     )
+
+
+def _vocab_size(model) -> int | None:
+    """Rows of the model's input embedding (HF ``get_input_embeddings()``, the reference
+    transformer's ``embed``); None where the model has none to find."""
+    try:
+        emb = _input_embedding(model)
+    except (ValueError, NotImplementedError, AttributeError):
+        return None
+    n = getattr(emb, "num_embeddings", None)
+    if isinstance(n, int):
+        return n
+    w = getattr(emb, "weight", None)
+    return w.shape[0] if isinstance(w, Tensor) and w.dim() == 2 else None
+
+
+def _check_ids(ids: Tensor, name: str, vocab: int) -> None:
+    """A clear error up front instead of an IndexError inside the embedding or the loss."""
+    bad = torch.nonzero((ids < 0) | (ids >= vocab)).flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"{name}[{i}] = {int(ids[i])} is not a token id of the model: ids must lie in "
+            f"[0, {vocab}) (the size of its input embedding)"
+        )
+
+
+def _layer_list(layers) -> list[int] | None:
+    if layers is None:
+        return None
+    try:
+        out = [operator.index(i) for i in layers]
+    except TypeError:
+        raise TypeError(f"layers must be a sequence of int indices, got {layers!r}") from None
+    if not out:
+        raise ValueError("layers is empty: nothing would be suppressed; pass None for all")
+    return out
+
+
+def _resolve_layers(layers: list[int], n_calls: int) -> set[int]:
+    """Negative indices count from the end (Python-style); the range is only known after the
+    first forward (the number of attention calls it makes)."""
+    bad = [i for i in layers if not -n_calls <= i < n_calls]
+    if bad:
+        raise ValueError(
+            f"layers={layers}: {bad[0]} is out of range; the model makes {n_calls} attention "
+            f"calls per forward, so layer indices must lie in 0..{n_calls - 1} (or "
+            f"-{n_calls}..-1 from the end)"
+        )
+    return {i % n_calls for i in layers}
 
 
 def _as_ids(x, name: str) -> Tensor:
@@ -196,7 +247,9 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
             similarity ``>= κ`` with a suppressed token (paper: 0.7). None = off.
         granularity: ``"token"``, ``"word"`` (needs ``tokenizer``) or ``[(start, end), ...]``
             prompt spans.
-        layers: indices of the attention calls (layers) to manipulate; None = all.
+        layers: indices of the attention calls (layers) to manipulate, in call order;
+            negative ones count from the end (-1 = last); None = all. An index outside
+            ``-n..n-1`` (n calls per forward) raises ValueError after the first forward.
         max_memory: bytes of activation memory the batched forwards may use (an estimate);
             default 1 GiB and at most ``max_batch_size`` rows per forward.
         batch_tokens: a batch stops growing once rows × positions reach this (default 2048 on
@@ -225,6 +278,7 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
     if conceptual_threshold is not None and not 0.0 < conceptual_threshold <= 1.0:
         raise ValueError(f"conceptual_threshold must lie in (0, 1] or be None, got "
                          f"{conceptual_threshold!r}")
+    layer_list = _layer_list(layers)
     prompt = _as_ids(input_ids, "input_ids")
     if attention_mask is not None and not bool((attention_mask != 0).all()):
         raise ValueError("attention_mask has zeros: padded input is not supported; pass the "
@@ -238,6 +292,10 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
         raise ValueError("target is empty: give at least one target token to explain")
     if prompt.numel() == 0:
         raise ValueError("input_ids is empty: give a prompt to explain")
+    vocab = _vocab_size(model)
+    if vocab is not None:
+        _check_ids(prompt, "input_ids", vocab)
+        _check_ids(tgt, "target", vocab)
     P, T = prompt.numel(), tgt.numel()
     S = P + T - 1
     limit = _max_positions(model)
@@ -270,7 +328,7 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
         kind = "generic"
     was_training = model.training
     model.eval()
-    amode = AtmanAttentionMode(mode, set(layers) if layers is not None else None)
+    amode = AtmanAttentionMode(mode)  # layers: set by _run once the call count is known
     amode.prefix = amode.record = kind != "generic"
     try:
         with torch.no_grad():
@@ -281,7 +339,7 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
             with amode:
                 return _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels,
                             target_labels, mode, float(factor), conceptual_threshold,
-                            max_memory, max_batch_size, batch_tokens, progress)
+                            max_memory, max_batch_size, batch_tokens, progress, layer_list)
     finally:
         model.train(was_training)
 
@@ -324,7 +382,8 @@ def _takes(model, name: str) -> bool:
 
 
 def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, target_labels,
-         mode, factor, conceptual_threshold, max_memory, max_batch_size, batch_tokens, progress):
+         mode, factor, conceptual_threshold, max_memory, max_batch_size, batch_tokens, progress,
+         layers):
     device = seq.device
     amode.begin("record", 0, S)
     base_logits = _forward(model, kind, seq[None], 0, S - (P - 1))
@@ -335,6 +394,8 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
             ": AtMan rewrites SDPA calls (for HF transformers build the model with "
             "attn_implementation='sdpa')"
         )
+    if layers is not None:
+        amode.layers = _resolve_layers(layers, n_calls)
     base_ce = _target_ce(base_logits, tgt)[0]  # [T]: the rows of positions P-1 .. S-1
     vocab = base_logits.shape[-1]
     del base_logits

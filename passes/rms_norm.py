@@ -45,7 +45,7 @@ class RMSNormMatch:
     interior: list[fx.Node]  # in graph order; erased if nothing else uses them
 
 
-def _is_cast(node) -> bool:
+def is_cast(node) -> bool:
     """A dtype-only conversion (same shape, same device)."""
     if not match.is_op(node, (torch.Tensor.to, torch.Tensor.float), CAST_METHODS):
         return False
@@ -125,7 +125,7 @@ def _match_decomposed(root: fx.Node) -> RMSNormMatch | str | None:
 
     # what goes in: fold an upcast to float32 into the op (it accumulates in float32 anyway)
     x = xf
-    if _is_cast(xf):
+    if is_cast(xf):
         src = match.tensor_value(xf.args[0])
         if xf_val.dtype == torch.float32 and src.dtype in (torch.float16, torch.bfloat16):
             x = xf.args[0]
@@ -133,7 +133,7 @@ def _match_decomposed(root: fx.Node) -> RMSNormMatch | str | None:
     # what comes out: optional cast, optional weight multiply, optional cast
     interior = [xf, sq, var, denom, root, norm]
     out, weight = norm, None
-    if len(out.users) == 1 and _is_cast(next(iter(out.users))):
+    if len(out.users) == 1 and is_cast(next(iter(out.users))):
         out = next(iter(out.users))
         interior.append(out)
     if len(out.users) == 1 and match.is_mul(next(iter(out.users))):
@@ -143,7 +143,7 @@ def _match_decomposed(root: fx.Node) -> RMSNormMatch | str | None:
         if w_val is not None and w_val.dim() == 1 and w_val.shape[0] == xf_val.shape[-1]:
             out, weight = user, w
             interior.append(out)
-    if weight is not None and len(out.users) == 1 and _is_cast(next(iter(out.users))):
+    if weight is not None and len(out.users) == 1 and is_cast(next(iter(out.users))):
         out = next(iter(out.users))
         interior.append(out)
     return RMSNormMatch(x=x, weight=weight, eps=eps, output=out, interior=interior)

@@ -1,4 +1,4 @@
-"""The HAT passes (`passes/hat.py`): the reference's masked byte attention becomes
+"""The HAT passes (`passes/hat/`): the reference's masked byte attention becomes
 `aa::window_attention`, its padded word pooling `aa::word_pool`, only after the mask is proven
 by evaluation, and the decoder's guide add `aa::guide_add_rms_norm` (fused with the attention
 norm that reads it) or `aa::guide_add`; compiled loss and gradients equal eager, also for
@@ -11,6 +11,9 @@ gradients within 1e-4 relative + 1e-6 absolute of eager (measured ~1e-7 apart).
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -23,7 +26,7 @@ from aa_compile.config import Config
 from aa_compile.models.hat import HATConfig, HATModel, sliding_window_mask
 from aa_compile.models.transformer import RMSNorm
 from aa_compile.report import CompileReport
-from aa_compile.passes.hat import prove_window_mask, window_definition
+from aa_compile.passes.hat.window_attention import prove_window_mask, window_definition
 
 FUSED, ADD = torch.ops.aa.guide_add_rms_norm.default, torch.ops.aa.guide_add.default
 RMS, WINDOW = torch.ops.aa.rms_norm.default, torch.ops.aa.window_attention.default
@@ -418,3 +421,22 @@ def test_probe_definition_matches_the_reference_mask():
         assert torch.equal(window_definition(offsets, 20, window),
                            sliding_window_mask(doc, pos, window))
     assert callable(prove_window_mask)
+
+
+def test_pass_modules_import_alone_and_look_up_ops_when_run():
+    """A HAT pass module imports on its own in a fresh interpreter, and no module of the package
+    holds an ``aa::`` op overload looked up at import (they are resolved when a pass runs)."""
+    code = "\n".join([
+        "import importlib, torch",
+        "import aa_compile.passes.hat.guide_add",
+        "for name in ('shapes', 'proof', 'rewrite', 'window_attention', 'word_pool',",
+        "             'guide_add'):",
+        "    mod = importlib.import_module('aa_compile.passes.hat.' + name)",
+        "    held = [k for k, v in vars(mod).items()",
+        "            if isinstance(v, torch._ops.OpOverload) and v.namespace == 'aa']",
+        "    assert not held, (name, held)",
+    ])
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -65,7 +65,7 @@ def settings(pytestconfig) -> Settings:
 @pytest.fixture(scope="session", autouse=True)
 def _fresh_session():
     """The run starts with an empty dynamo cache. Compiled variants then live for the whole
-    session (see `bench.harness.variant`), so repeats reuse them instead of recompiling."""
+    session (see `bench.harness.build_once`), so repeats reuse them instead of recompiling."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -1,9 +1,12 @@
 """Shared pieces of the benchmark workloads: shapes, variants, compile timing and peak memory.
 
-The workload files (``bench/test_*.py``) stay small: each builds a callable per variant (with
-`compile_variant` for the compiled ones) and hands it to `run_benchmark`, which warms it up
-(timing the compile), measures peak memory over one extra call, fills ``benchmark.extra_info``
-and times the rounds with ``benchmark.pedantic``. Timing and statistics are pytest-benchmark's.
+The workload files (``bench/test_*.py``) stay small: a case dataclass labelled by `CaseLabels`,
+a ``build`` of the callable per variant (`compile_variant` / `inference_variant` /
+`training_variant` for the compiled ones), and tests that hand it to `bench_variant` with
+their timed call (`inference_step`, `training_step`). `bench_variant` builds each variant once
+per session (`build_once`) and calls `run_benchmark`, which warms it up (timing the compile),
+measures peak memory over one extra call, fills ``benchmark.extra_info`` and times the rounds
+with ``benchmark.pedantic``. Timing and statistics are pytest-benchmark's.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
+import pytest
 import torch
 
 #: Variants every workload has; peers (named after what they are) are added per workload.
@@ -34,28 +38,53 @@ class Settings:
         on a CPU) or ``"op"`` (one layer or op, milliseconds)."""
         if self.rounds is not None:
             return self.rounds
-        cuda = self.device == "cuda"
-        table = {
-            # (kind, quick, cuda) -> rounds per repeat (``--repeats``, default 5); a CUDA call
-            # takes milliseconds, a CPU transformer step up to a second.
-            ("task", True, False): 1,
-            ("task", False, False): 1,
-            ("task", True, True): 3,
-            ("task", False, True): 3,
-            ("model", True, False): 3,
-            ("model", False, False): 3,
-            ("model", True, True): 10,
-            ("model", False, True): 20,
-            ("op", True, False): 12,
-            ("op", False, False): 12,
-            ("op", True, True): 30,
-            ("op", False, True): 60,
-        }
-        return table[(kind, self.quick, cuda)]
+        cpu, cuda_quick, cuda_full = ROUNDS[kind]
+        if self.device != "cuda":
+            return cpu
+        return cuda_quick if self.quick else cuda_full
+
+
+#: kind -> timed rounds per repeat (``--repeats``, default 5) on a CPU (``--quick`` or not), on
+#: CUDA with ``--quick`` and on CUDA in the full set; a CUDA call takes milliseconds, a CPU
+#: transformer step up to a second.
+ROUNDS = {"task": (1, 3, 3), "model": (3, 10, 20), "op": (12, 30, 60)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class CaseLabels:
+    """Base of a workload's case dataclass: its ``shape`` (the report's label) and ``id`` (the
+    test id) are the class's ``SHAPE`` and ``ID`` format strings, filled in with the case's
+    attributes by name (``"{tokens}x{dim}"``; class constants too) and ``{dtype}`` as the
+    dtype's short name (``float32``)."""
+
+    SHAPE: ClassVar[str]
+    ID: ClassVar[str]
+
+    @property
+    def shape(self) -> str:
+        return self.SHAPE.format_map(_CaseFields(self))
+
+    @property
+    def id(self) -> str:
+        return self.ID.format_map(_CaseFields(self))
+
+
+class _CaseFields:
+    """``str.format_map`` view of a case: ``{name}`` is ``case.name``, a dtype by its name."""
+
+    def __init__(self, case: Any):
+        self.case = case
+
+    def __getitem__(self, name: str) -> Any:
+        value = getattr(self.case, name)
+        return dtype_name(value) if isinstance(value, torch.dtype) else value
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerCase:
+class TransformerCase(CaseLabels):
     d_model: int
     n_layers: int
     n_heads: int
@@ -65,35 +94,8 @@ class TransformerCase:
     seq: int
     dtype: torch.dtype
 
-    @property
-    def shape(self) -> str:
-        return (
-            f"B{self.batch}xS{self.seq} d{self.d_model} L{self.n_layers} "
-            f"H{self.n_heads}/{self.n_kv_heads} V{self.vocab_size}"
-        )
-
-    @property
-    def id(self) -> str:
-        return f"d{self.d_model}-L{self.n_layers}-S{self.seq}-{dtype_name(self.dtype)}"
-
-
-@dataclasses.dataclass(frozen=True)
-class RMSNormCase:
-    tokens: int
-    dim: int
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> str:
-        return f"{self.tokens}x{self.dim}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.shape}-{dtype_name(self.dtype)}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    SHAPE = "B{batch}xS{seq} d{d_model} L{n_layers} H{n_heads}/{n_kv_heads} V{vocab_size}"
+    ID = "d{d_model}-L{n_layers}-S{seq}-{dtype}"
 
 
 def transformer_cases(quick: bool, device: str) -> list[TransformerCase]:
@@ -106,6 +108,16 @@ def transformer_cases(quick: bool, device: str) -> list[TransformerCase]:
     if device == "cuda":
         return [TransformerCase(512, 8, 8, 4, 32000, 8, 512, torch.bfloat16)]
     return [TransformerCase(512, 8, 8, 4, 32000, 2, 512, torch.float32)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSNormCase(CaseLabels):
+    tokens: int
+    dim: int
+    dtype: torch.dtype
+
+    SHAPE = "{tokens}x{dim}"
+    ID = "{tokens}x{dim}-{dtype}"
 
 
 def rms_norm_cases(quick: bool, device: str) -> list[RMSNormCase]:
@@ -135,7 +147,7 @@ def fresh_copy(module: torch.nn.Module) -> torch.nn.Module:
 _BUILT: dict[tuple, Any] = {}
 
 
-def variant(key: tuple, build: Callable[[], Any]) -> tuple[Any, bool]:
+def build_once(key: tuple, build: Callable[[], Any]) -> tuple[Any, bool]:
     """``(build(), True)`` the first time ``key`` is asked for in this session, then
     ``(that same object, False)``: repeats of a benchmark reuse the compiled variant."""
     if key in _BUILT:
@@ -158,6 +170,57 @@ def compile_variant(fn: Callable, variant: str) -> Callable:
 
         return torch.compile(fn, backend="aa")
     raise ValueError(f"unknown compiled variant {variant!r}")
+
+
+def inference_variant(model: torch.nn.Module, variant: str) -> Callable:
+    """A fresh copy of ``model`` in eval mode, run by ``variant`` (`compile_variant`): the
+    callable of a whole-model forward workload."""
+    return compile_variant(fresh_copy(model).eval(), variant)
+
+
+def training_variant(model: torch.nn.Module, variant: str) -> tuple[Callable, torch.nn.Module]:
+    """``(loss_fn, copy)`` for a whole-model training step: a fresh copy of ``model`` in train
+    mode and its ``loss`` method run by ``variant``; the copy holds the gradients to clear."""
+    model = fresh_copy(model).train()
+    return compile_variant(model.loss, variant), model
+
+
+def skip_unless_aa_op(name: str) -> None:
+    """Skip the test (the ``aa_op`` peer) where ``torch.ops.aa.<name>`` is not registered."""
+    if not hasattr(torch.ops.aa, name):
+        pytest.skip(f"torch.ops.aa.{name} is not registered")
+
+
+def inference_step(fn: Callable, *args: Any) -> Callable[[], Any]:
+    """The timed call of a forward (inference) workload: ``fn(*args)`` under
+    ``torch.no_grad()``."""
+
+    def step():
+        with torch.no_grad():
+            return fn(*args)
+
+    return step
+
+
+def training_step(
+    fn: Callable, *args: Any, grad: Any = None, clear: tuple = ()
+) -> Callable[[], Any]:
+    """The timed call of a forward + backward workload: ``out = fn(*args)``, backward from
+    ``out`` with ``grad`` (None for a scalar loss, a tuple for a tuple of outputs, or a function
+    of ``out`` giving it, run inside the timed call), then the gradients of ``clear`` (tensors,
+    or modules: all their parameters) are set to None, so no round accumulates into another."""
+
+    def step():
+        out = fn(*args)
+        torch.autograd.backward(out, grad(out) if callable(grad) else grad)
+        for item in clear:
+            if isinstance(item, torch.nn.Module):
+                item.zero_grad(set_to_none=True)
+            else:
+                item.grad = None
+        return out
+
+    return step
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: str) -> float | None:
@@ -284,3 +347,32 @@ def timed(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
         return out
 
     return call
+
+
+def bench_variant(
+    benchmark,
+    settings: Settings,
+    case: Any,
+    variant: str,
+    workload: str,
+    *,
+    build: Callable[[], Any],
+    step: Callable[[Any], Callable[[], Any]] | None = None,
+    kind: str,
+    shape: str | None = None,
+    dtype: torch.dtype | None = None,
+    warm_up: Callable[[Callable[[], Any]], None] | None = None,
+) -> bool:
+    """The body of a workload test: ``build()`` the variant once per session (`build_once`,
+    key ``(workload, case.id, variant)``), make its timed call ``step(built)`` (no ``step``:
+    ``built`` is the call) and benchmark it (`run_benchmark`) under ``shape`` / ``dtype``
+    (default: the case's). ``warm_up(call)``, if given, runs right after the build, before the
+    benchmark. Returns whether this test built the variant (its first repeat)."""
+    built, first = build_once((workload, case.id, variant), build)
+    call = built if step is None else step(built)
+    if first and warm_up is not None:
+        warm_up(call)
+    run_benchmark(benchmark, call, settings=settings, workload=workload, variant=variant,
+                  shape=case.shape if shape is None else shape,
+                  dtype=case.dtype if dtype is None else dtype, kind=kind, first=first)
+    return first

@@ -16,6 +16,7 @@ logits).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -24,29 +25,24 @@ from torch import Tensor, nn
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.models.tfree import TFreeDictionary, TrigramTokenizer
-from bench.harness import compile_variant, dtype_name, run_benchmark, seed_all
-from bench.harness import variant as built_variant
+from bench.harness import (BASE_VARIANTS, CaseLabels, bench_variant, compile_variant,
+                           inference_step, seed_all)
 
-VARIANTS = ("eager", "inductor", "aa")
 PEERS = ("aa_op",)
 TOP_K = 10
 
 
 @dataclasses.dataclass(frozen=True)
-class DictionaryCase:
+class DictionaryCase(CaseLabels):
     words: int  # dictionary size
     vocab: int  # v, head width
     m: int  # slots per trigram
     batch: int  # decoding rows B
     dtype: torch.dtype = torch.float32
 
-    @property
-    def shape(self) -> str:
-        return f"W{self.words} v{self.vocab} m{self.m} B{self.batch} k{TOP_K}"
-
-    @property
-    def id(self) -> str:
-        return f"W{self.words}-v{self.vocab}-m{self.m}-B{self.batch}-{dtype_name(self.dtype)}"
+    top_k: ClassVar[int] = TOP_K
+    SHAPE = "W{words} v{vocab} m{m} B{batch} k{top_k}"
+    ID = "W{words}-v{vocab}-m{m}-B{batch}-{dtype}"
 
 
 def dictionary_cases(quick: bool, device: str) -> list[DictionaryCase]:
@@ -104,7 +100,7 @@ def base(case, settings):
 def build(module: DictionaryTopK, offsets: Tensor, variant: str):
     """A callable ``probs -> (values, indices)`` for ``variant`` (the module is not copied:
     nothing here trains, and the dictionary buffers are large)."""
-    if variant in VARIANTS:
+    if variant in BASE_VARIANTS:
         return compile_variant(module, variant)
     if variant == "aa_op":
         d = module.dictionary
@@ -113,15 +109,9 @@ def build(module: DictionaryTopK, offsets: Tensor, variant: str):
     raise AssertionError(variant)
 
 
-@pytest.mark.parametrize("variant", VARIANTS + PEERS)
+@pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
 def test_dictionary_topk(benchmark, settings, case, base, variant, repeat):
     module, offsets, probs = base
-    run, first = built_variant(("dictionary_topk", case.id, variant),
-                               lambda: build(module, offsets, variant))
-
-    def step():
-        with torch.no_grad():
-            return run(probs)
-
-    run_benchmark(benchmark, step, settings=settings, workload="dictionary_topk",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op", first=first)
+    bench_variant(benchmark, settings, case, variant, "dictionary_topk", kind="op",
+                  build=lambda: build(module, offsets, variant),
+                  step=lambda run: inference_step(run, probs))

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from aa_compile.kernels.int8_linear.reference import quantize_absmax
 
 from aa_compile import dtm
-from bench.harness import run_benchmark, seed_all
-from bench.harness import variant as built_variant
+from bench.harness import CaseLabels, bench_variant, seed_all
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -115,25 +114,19 @@ def test_dtm_bench():
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8LinearCase:
+class Int8LinearCase(CaseLabels):
     n: int
     k: int
     m: int = 1
 
     workload = "int8_linear_decode"
     kind = "op"
-
-    @property
-    def shape(self) -> str:
-        return f"M{self.m} N{self.n} K{self.k}"
-
-    @property
-    def id(self) -> str:
-        return f"int8-linear-M{self.m}-N{self.n}-K{self.k}"
+    SHAPE = "M{m} N{n} K{k}"
+    ID = "int8-linear-M{m}-N{n}-K{k}"
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8ModelCase:
+class Int8ModelCase(CaseLabels):
     d_model: int
     n_layers: int
     n_heads: int = 16
@@ -143,15 +136,8 @@ class Int8ModelCase:
 
     workload = "dtm_int8_model_decode"
     kind = "model"
-
-    @property
-    def shape(self) -> str:
-        return (f"B1 decode@{self.prompt} d{self.d_model} L{self.n_layers} "
-                f"H{self.n_heads}/{self.n_kv_heads} V{self.vocab}")
-
-    @property
-    def id(self) -> str:
-        return f"int8-model-d{self.d_model}-L{self.n_layers}"
+    SHAPE = "B1 decode@{prompt} d{d_model} L{n_layers} H{n_heads}/{n_kv_heads} V{vocab}"
+    ID = "int8-model-d{d_model}-L{n_layers}"
 
 
 def CASES(quick: bool, device: str):
@@ -243,9 +229,8 @@ def test_int8_decode(benchmark, settings, case, base, variant, repeat):
         if variant == "aten_int8pack":
             pytest.skip("aten_int8pack: linear workload only")
         build = lambda: _model_fn(case, base, variant)
-    step, first = built_variant((case.workload, case.id, variant), build)
-    run_benchmark(benchmark, step, settings=settings, workload=case.workload, variant=variant,
-                  shape=case.shape, dtype=torch.float32, kind=case.kind, first=first)
+    first = bench_variant(benchmark, settings, case, variant, case.workload, kind=case.kind,
+                          dtype=torch.float32, build=build)
     if first:
         benchmark.extra_info["threads"] = torch.get_num_threads()
 

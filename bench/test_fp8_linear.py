@@ -23,26 +23,20 @@ import torch
 import torch.nn.functional as F
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
-from bench.harness import dtype_name, run_benchmark, seed_all
-from bench.harness import variant as built_variant
+from bench.harness import CaseLabels, bench_variant, inference_step, seed_all, training_step
 
 VARIANTS = ("eager", "bf16", "fp8_static", "fp8_tensorwise", "fp8_rowwise", "torchao")
 
 
 @dataclasses.dataclass(frozen=True)
-class Fp8LinearCase:
+class Fp8LinearCase(CaseLabels):
     m: int
     k: int
     n: int
     dtype: torch.dtype  # the activation / weight dtype the FP8 variants start from
 
-    @property
-    def shape(self) -> str:
-        return f"M{self.m} K{self.k} N{self.n}"
-
-    @property
-    def id(self) -> str:
-        return f"M{self.m}-K{self.k}-N{self.n}-{dtype_name(self.dtype)}"
+    SHAPE = "M{m} K{k} N{n}"
+    ID = "M{m}-K{k}-N{n}-{dtype}"
 
 
 def fp8_linear_cases(quick: bool, device: str) -> list[Fp8LinearCase]:
@@ -119,39 +113,28 @@ def aten_ops_per_call(fn) -> int:
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
+def _record_aten_ops(benchmark, step) -> None:
+    """The tests' ``warm_up``: one call of the new variant (outside ``compile_s``), then
+    ``extra_info["aten_ops_per_call"]``."""
+    step()
+    benchmark.extra_info["aten_ops_per_call"] = aten_ops_per_call(step)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp8_linear_fwd(benchmark, settings, case, base, variant, repeat):
     x, w, _ = base
-    (run, _), first = built_variant(("fp8_linear_fwd", case.id, variant),
-                                    lambda: build(case, w, variant, settings))
-
-    def step():
-        with torch.no_grad():
-            return run(x)
-
-    if first:
-        step()
-        benchmark.extra_info["aten_ops_per_call"] = aten_ops_per_call(step)
-    run_benchmark(benchmark, step, settings=settings, workload="fp8_linear_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op", first=first)
+    bench_variant(benchmark, settings, case, variant, "fp8_linear_fwd", kind="op",
+                  build=lambda: build(case, w, variant, settings),
+                  step=lambda built: inference_step(built[0], x),
+                  warm_up=lambda step: _record_aten_ops(benchmark, step))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp8_linear_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     x, w, grad = base
-    (run, p), first = built_variant(("fp8_linear_fwd_bwd", case.id, variant),
-                                    lambda: build(case, w, variant, settings))
     xr = x.detach().clone().requires_grad_(True)
-
-    def step():
-        y = run(xr)
-        y.backward(grad.to(y.dtype))
-        xr.grad = None
-        p.grad = None
-        return y
-
-    if first:
-        step()
-        benchmark.extra_info["aten_ops_per_call"] = aten_ops_per_call(step)
-    run_benchmark(benchmark, step, settings=settings, workload="fp8_linear_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op", first=first)
+    bench_variant(benchmark, settings, case, variant, "fp8_linear_fwd_bwd", kind="op",
+                  build=lambda: build(case, w, variant, settings),
+                  step=lambda built: training_step(built[0], xr, grad=lambda y: grad.to(y.dtype),
+                                                   clear=(xr, built[1])),
+                  warm_up=lambda step: _record_aten_ops(benchmark, step))

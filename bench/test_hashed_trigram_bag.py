@@ -27,6 +27,7 @@ outside the timed calls. ``extra_info["index_bytes"]`` is the index data each va
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import pytest
 import torch
@@ -34,8 +35,8 @@ from aa_compile.kernels import hashed_trigram_bag as hashed_kernels
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.models.tfree import TFreeEmbedding, TrigramTokenizer
-from bench.harness import dtype_name, fresh_copy, run_benchmark, seed_all
-from bench.harness import variant as built_variant
+from bench.harness import (CaseLabels, bench_variant, fresh_copy, inference_step, seed_all,
+                           training_step)
 from bench.test_tfree_tokenizer import paragraphs
 
 VARIANTS = ("eager",)
@@ -44,21 +45,16 @@ K_LOWER = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class HashedBagCase:
+class HashedBagCase(CaseLabels):
     vocab: int  # v
     m: int  # slots per trigram
     hidden: int  # h
     words: int  # words in the batch
     dtype: torch.dtype
 
-    @property
-    def shape(self) -> str:
-        return f"v{self.vocab} m{self.m} k{K_LOWER} h{self.hidden} W{self.words}"
-
-    @property
-    def id(self) -> str:
-        return (f"v{self.vocab}-m{self.m}-h{self.hidden}-W{self.words}-"
-                f"{dtype_name(self.dtype)}")
+    k_lower: ClassVar[int] = K_LOWER
+    SHAPE = "v{vocab} m{m} k{k_lower} h{hidden} W{words}"
+    ID = "v{vocab}-m{m}-h{hidden}-W{words}-{dtype}"
 
 
 def hashed_bag_cases(quick: bool, device: str) -> list[HashedBagCase]:
@@ -149,30 +145,16 @@ def _record(benchmark, index_bytes, variant):
 @pytest.mark.parametrize("variant", VARIANTS + PEERS + ("hash_only",))
 def test_hashed_trigram_bag_fwd(benchmark, settings, case, base, variant, repeat):
     module, inputs, index_bytes, _ = base
-    (run, _), first = built_variant(("hashed_trigram_bag_fwd", case.id, variant),
-                                    lambda: build(module, variant, case))
-
-    def step():
-        with torch.no_grad():
-            return run(inputs)
-
-    run_benchmark(benchmark, step, settings=settings, workload="hashed_trigram_bag_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op", first=first)
+    bench_variant(benchmark, settings, case, variant, "hashed_trigram_bag_fwd", kind="op",
+                  build=lambda: build(module, variant, case),
+                  step=lambda built: inference_step(built[0], inputs))
     _record(benchmark, index_bytes, variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS + PEERS)
 def test_hashed_trigram_bag_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     module, inputs, index_bytes, grad = base
-    (run, m), first = built_variant(("hashed_trigram_bag_fwd_bwd", case.id, variant),
-                                    lambda: build(module, variant, case))
-
-    def step():
-        y = run(inputs)
-        y.backward(grad)
-        m.zero_grad(set_to_none=True)
-        return y
-
-    run_benchmark(benchmark, step, settings=settings, workload="hashed_trigram_bag_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op", first=first)
+    bench_variant(benchmark, settings, case, variant, "hashed_trigram_bag_fwd_bwd", kind="op",
+                  build=lambda: build(module, variant, case),
+                  step=lambda built: training_step(built[0], inputs, grad=grad, clear=(built[1],)))
     _record(benchmark, index_bytes, variant)

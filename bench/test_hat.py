@@ -24,19 +24,13 @@ import torch
 from aa_compile.data import text
 from aa_compile.models.hat import HATByteSplitter, HATConfig, HATModel
 from aa_compile.models.transformer import TransformerConfig
-from bench.harness import (
-    BASE_VARIANTS,
-    compile_variant,
-    dtype_name,
-    fresh_copy,
-    run_benchmark,
-    seed_all,
-)
-from bench.harness import variant as built_variant
+from bench.harness import (BASE_VARIANTS, CaseLabels, bench_variant, fresh_copy, inference_step,
+                           inference_variant, run_benchmark, seed_all, training_step,
+                           training_variant)
 
 
 @dataclasses.dataclass(frozen=True)
-class HATCase:
+class HATCase(CaseLabels):
     n_bytes: int  # T (the corpus cut at a word boundary)
     d_enc: int
     layers: int  # encoder layers = decoder layers
@@ -45,14 +39,8 @@ class HATCase:
     d_backbone: int
     dtype: torch.dtype
 
-    @property
-    def shape(self) -> str:
-        return f"T{self.n_bytes} d{self.d_enc} L{self.layers} H{self.heads} w{self.window}"
-
-    @property
-    def id(self) -> str:
-        return (f"T{self.n_bytes}-d{self.d_enc}-L{self.layers}-H{self.heads}-w{self.window}-"
-                f"{dtype_name(self.dtype)}")
+    SHAPE = "T{n_bytes} d{d_enc} L{layers} H{heads} w{window}"
+    ID = "T{n_bytes}-d{d_enc}-L{layers}-H{heads}-w{window}-{dtype}"
 
     def config(self) -> HATConfig:
         def stack(d):
@@ -101,37 +89,18 @@ def _shape(case, batch) -> str:
 @pytest.mark.parametrize("variant", BASE_VARIANTS)
 def test_hat_fwd(benchmark, settings, case, base, variant, repeat):
     model, batch = base
-    run, first = built_variant(("hat_fwd", case.id, variant),
-                               lambda: compile_variant(fresh_copy(model).eval(), variant))
-
-    def step():
-        with torch.no_grad():
-            return run(batch)
-
-    run_benchmark(benchmark, step, settings=settings, workload="hat_fwd", variant=variant,
-                  shape=_shape(case, batch), dtype=case.dtype, kind="model", first=first)
+    bench_variant(benchmark, settings, case, variant, "hat_fwd", kind="model",
+                  shape=_shape(case, batch), build=lambda: inference_variant(model, variant),
+                  step=lambda run: inference_step(run, batch))
     _info(benchmark, batch)
-
-
-def _training(model, variant):
-    model = fresh_copy(model).train()
-    return model, compile_variant(model.loss, variant)
 
 
 @pytest.mark.parametrize("variant", BASE_VARIANTS)
 def test_hat_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     model, batch = base
-    (model, loss_fn), first = built_variant(("hat_fwd_bwd", case.id, variant),
-                                            lambda: _training(model, variant))
-
-    def step():
-        loss = loss_fn(batch)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return loss
-
-    run_benchmark(benchmark, step, settings=settings, workload="hat_fwd_bwd", variant=variant,
-                  shape=_shape(case, batch), dtype=case.dtype, kind="model", first=first)
+    bench_variant(benchmark, settings, case, variant, "hat_fwd_bwd", kind="model",
+                  shape=_shape(case, batch), build=lambda: training_variant(model, variant),
+                  step=lambda built: training_step(built[0], batch, clear=(built[1],)))
     _info(benchmark, batch)
 
 

@@ -26,27 +26,22 @@ import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.data import text
 from aa_compile.models.hat import HATByteSplitter
 from aa_compile.models.transformer import RMSNorm
-from bench.harness import compile_variant, dtype_name, fresh_copy, run_benchmark, seed_all
-from bench.harness import variant as built_variant
+from bench.harness import (CaseLabels, bench_variant, compile_variant, fresh_copy, inference_step,
+                           seed_all, training_step)
 
 VARIANTS = ("eager", "inductor")
 PEERS = ("aa_op",)
 
 
 @dataclasses.dataclass(frozen=True)
-class HATOpCase:
+class HATOpCase(CaseLabels):
     n_bytes: int  # T (cut from the corpus at a word boundary)
     d_enc: int  # byte width (= pooling width here)
     heads: int
     dtype: torch.dtype
 
-    @property
-    def shape(self) -> str:
-        return f"T{self.n_bytes} d{self.d_enc} H{self.heads}"
-
-    @property
-    def id(self) -> str:
-        return f"T{self.n_bytes}-d{self.d_enc}-H{self.heads}-{dtype_name(self.dtype)}"
+    SHAPE = "T{n_bytes} d{d_enc} H{heads}"
+    ID = "T{n_bytes}-d{d_enc}-H{heads}-{dtype}"
 
 
 def hat_op_cases(quick: bool, device: str) -> list[HATOpCase]:
@@ -113,34 +108,19 @@ def build_pool(batch, variant):
 @pytest.mark.parametrize("variant", VARIANTS + PEERS)
 def test_word_pool_fwd(benchmark, settings, case, base, variant, repeat):
     batch, _, t = base
-    run, first = built_variant(("word_pool_fwd", case.id, variant),
-                               lambda: build_pool(batch, variant))
-
-    def step():
-        with torch.no_grad():
-            return run(t["q"], t["k"], t["v"])
-
-    run_benchmark(benchmark, step, settings=settings, workload="word_pool_fwd",
-                  variant=variant, shape=shape_of(case, batch), dtype=case.dtype, kind="op",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "word_pool_fwd", kind="op",
+                  shape=shape_of(case, batch), build=lambda: build_pool(batch, variant),
+                  step=lambda run: inference_step(run, t["q"], t["k"], t["v"]))
 
 
 @pytest.mark.parametrize("variant", VARIANTS + PEERS)
 def test_word_pool_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     batch, _, t = base
-    run, first = built_variant(("word_pool_fwd_bwd", case.id, variant),
-                               lambda: build_pool(batch, variant))
     q, k, v = (t[n].detach().clone().requires_grad_(True) for n in ("q", "k", "v"))
-
-    def step():
-        out = run(q, k, v)
-        out.backward(t["pool_grad"])
-        q.grad = k.grad = v.grad = None
-        return out
-
-    run_benchmark(benchmark, step, settings=settings, workload="word_pool_fwd_bwd",
-                  variant=variant, shape=shape_of(case, batch), dtype=case.dtype, kind="op",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "word_pool_fwd_bwd", kind="op",
+                  shape=shape_of(case, batch), build=lambda: build_pool(batch, variant),
+                  step=lambda run: training_step(run, q, k, v, grad=t["pool_grad"],
+                                                 clear=(q, k, v)))
 
 
 # -- guide add + first attention norm --------------------------------------------------------
@@ -164,32 +144,16 @@ def build_guide(batch, norm, variant):
 @pytest.mark.parametrize("variant", VARIANTS + PEERS)
 def test_guide_add_fwd(benchmark, settings, case, base, variant, repeat):
     batch, norm, t = base
-    (run, _), first = built_variant(("guide_add_fwd", case.id, variant),
-                                    lambda: build_guide(batch, norm, variant))
-
-    def step():
-        with torch.no_grad():
-            return run(t["x"], t["g"])
-
-    run_benchmark(benchmark, step, settings=settings, workload="guide_add_norm_fwd",
-                  variant=variant, shape=shape_of(case, batch), dtype=case.dtype, kind="op",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "guide_add_norm_fwd", kind="op",
+                  shape=shape_of(case, batch), build=lambda: build_guide(batch, norm, variant),
+                  step=lambda built: inference_step(built[0], t["x"], t["g"]))
 
 
 @pytest.mark.parametrize("variant", VARIANTS + PEERS)
 def test_guide_add_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     batch, norm, t = base
-    (run, m), first = built_variant(("guide_add_fwd_bwd", case.id, variant),
-                                    lambda: build_guide(batch, norm, variant))
     x, g = (t[n].detach().clone().requires_grad_(True) for n in ("x", "g"))
-
-    def step():
-        y, normed = run(x, g)
-        torch.autograd.backward([y, normed], [t["y_grad"], t["n_grad"]])
-        x.grad = g.grad = None
-        m.zero_grad(set_to_none=True)
-        return normed
-
-    run_benchmark(benchmark, step, settings=settings, workload="guide_add_norm_fwd_bwd",
-                  variant=variant, shape=shape_of(case, batch), dtype=case.dtype, kind="op",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "guide_add_norm_fwd_bwd", kind="op",
+                  shape=shape_of(case, batch), build=lambda: build_guide(batch, norm, variant),
+                  step=lambda built: training_step(built[0], x, g, grad=(t["y_grad"], t["n_grad"]),
+                                                   clear=(x, g, built[1])))

@@ -14,15 +14,9 @@ import torch.nn.functional as F
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.models.transformer import RMSNorm
-from bench.harness import (
-    BASE_VARIANTS,
-    compile_variant,
-    fresh_copy,
-    rms_norm_cases,
-    run_benchmark,
-    seed_all,
-    variant as built_variant,
-)
+from bench.harness import (BASE_VARIANTS, bench_variant, compile_variant, fresh_copy,
+                           inference_step, rms_norm_cases, seed_all, skip_unless_aa_op,
+                           training_step)
 
 PEERS = ("aten", "aa_op")
 
@@ -54,8 +48,7 @@ def build(module: RMSNorm, variant: str):
             pytest.skip("torch.nn.functional.rms_norm is not available in this torch")
         return (lambda x: F.rms_norm(x, (m.weight.shape[0],), m.weight, m.eps)), m
     if variant == "aa_op":
-        if not hasattr(torch.ops.aa, "rms_norm"):
-            pytest.skip("torch.ops.aa.rms_norm is not registered")
+        skip_unless_aa_op("rms_norm")
         return (lambda x: torch.ops.aa.rms_norm(x, m.weight, m.eps)), m
     raise AssertionError(variant)
 
@@ -63,32 +56,15 @@ def build(module: RMSNorm, variant: str):
 @pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
 def test_rms_norm_fwd(benchmark, settings, case, base, variant, repeat):
     module, x, _ = base
-    (run, _), first = built_variant(("rms_norm_fwd", case.id, variant),
-                                    lambda: build(module, variant))
-
-    def step():
-        with torch.no_grad():
-            return run(x)
-
-    run_benchmark(benchmark, step, settings=settings, workload="rms_norm_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "rms_norm_fwd", kind="op",
+                  build=lambda: build(module, variant),
+                  step=lambda built: inference_step(built[0], x))
 
 
 @pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
 def test_rms_norm_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     module, x, grad = base
-    (run, m), first = built_variant(("rms_norm_fwd_bwd", case.id, variant),
-                                    lambda: build(module, variant))
     xr = x.detach().clone().requires_grad_(True)
-
-    def step():
-        y = run(xr)
-        y.backward(grad)
-        xr.grad = None
-        m.zero_grad(set_to_none=True)
-        return y
-
-    run_benchmark(benchmark, step, settings=settings, workload="rms_norm_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "rms_norm_fwd_bwd", kind="op",
+                  build=lambda: build(module, variant),
+                  step=lambda built: training_step(built[0], xr, grad=grad, clear=(xr, built[1])))

@@ -24,8 +24,7 @@ import pytest
 import torch
 
 from aa_compile.models.tfree import TrigramTokenizer
-from bench.harness import run_benchmark
-from bench.harness import variant as built_variant
+from bench.harness import bench_variant
 
 VARIANTS = ("fast", "reference")
 PEERS = ("bpe",)
@@ -116,20 +115,14 @@ def bpe_tokenizer(vocab_size: int = 32000):
 @pytest.mark.parametrize("variant", VARIANTS + PEERS)
 def test_tfree_encode(benchmark, settings, case, texts, variant, repeat):
     batch, n_words = texts
-    if variant == "bpe":
-        tok, first = built_variant(("tfree_encode", case.id, variant), bpe_tokenizer)
+    bpe = variant == "bpe"
 
-        def step():
-            return tok.encode_batch(batch)
-    else:
-        tok, first = built_variant(("tfree_encode", case.id, variant),
-                                   lambda: TrigramTokenizer(hash_mode=variant))
-
-        def step():
-            return tok.encode(batch)
+    def encode(tok):  # the timed call: the whole batch
+        return (lambda: tok.encode_batch(batch)) if bpe else (lambda: tok.encode(batch))
 
     # the shape names the exact word count (same for both variants: one seeded text)
-    run_benchmark(benchmark, step, settings=settings, workload="tfree_encode", variant=variant,
-                  shape=f"{n_words} words", dtype=torch.int64, kind="op", first=first)
+    bench_variant(benchmark, settings, case, variant, "tfree_encode", kind="op",
+                  shape=f"{n_words} words", dtype=torch.int64, step=encode,
+                  build=bpe_tokenizer if bpe else lambda: TrigramTokenizer(hash_mode=variant))
     # the reporter turns these into a words/s column (items / median of the merged repeats)
     benchmark.extra_info.update(items=n_words, item_unit="words")

@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from aa_compile.models.transformer import Transformer, TransformerConfig
-from bench.harness import (
-    BASE_VARIANTS,
-    compile_variant,
-    fresh_copy,
-    run_benchmark,
-    seed_all,
-    transformer_cases,
-    variant as built_variant,
-)
+from bench.harness import (BASE_VARIANTS, bench_variant, inference_step, inference_variant,
+                           seed_all, training_step, training_variant, transformer_cases)
 
 
 #: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
@@ -46,39 +39,15 @@ def base(case, settings):
 @pytest.mark.parametrize("variant", BASE_VARIANTS)
 def test_transformer_fwd(benchmark, settings, case, base, variant, repeat):
     model, ids = base
-    run, first = built_variant(
-        ("transformer_fwd", case.id, variant),
-        lambda: compile_variant(fresh_copy(model).eval(), variant),
-    )
     tokens = ids[:, :-1].contiguous()
-
-    def step():
-        with torch.no_grad():
-            return run(tokens)
-
-    run_benchmark(benchmark, step, settings=settings, workload="transformer_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="model",
-                  first=first)
-
-
-def _training(model, variant):
-    model = fresh_copy(model).train()
-    return model, compile_variant(model.loss, variant)
+    bench_variant(benchmark, settings, case, variant, "transformer_fwd", kind="model",
+                  build=lambda: inference_variant(model, variant),
+                  step=lambda run: inference_step(run, tokens))
 
 
 @pytest.mark.parametrize("variant", BASE_VARIANTS)
 def test_transformer_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     model, ids = base
-    (model, loss_fn), first = built_variant(
-        ("transformer_fwd_bwd", case.id, variant), lambda: _training(model, variant)
-    )
-
-    def step():
-        loss = loss_fn(ids)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return loss
-
-    run_benchmark(benchmark, step, settings=settings, workload="transformer_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="model",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "transformer_fwd_bwd", kind="model",
+                  build=lambda: training_variant(model, variant),
+                  step=lambda built: training_step(built[0], ids, clear=(built[1],)))

@@ -25,36 +25,22 @@ import torch.nn.functional as F
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.models.tfree import TFreeEmbedding
-from bench.harness import (
-    compile_variant,
-    dtype_name,
-    fresh_copy,
-    run_benchmark,
-    seed_all,
-)
-from bench.harness import (
-    variant as built_variant,
-)
+from bench.harness import (BASE_VARIANTS, CaseLabels, bench_variant, compile_variant, fresh_copy,
+                           inference_step, seed_all, skip_unless_aa_op, training_step)
 
-VARIANTS = ("eager", "inductor", "aa")
 PEERS = ("embedding_bag", "aa_op")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrigramBagCase:
+class TrigramBagCase(CaseLabels):
     vocab: int  # v, rows of the embedding table
     m: int  # slots per trigram
     hidden: int  # h
     words: int  # bags in the batch
     dtype: torch.dtype
 
-    @property
-    def shape(self) -> str:
-        return f"v{self.vocab} m{self.m} h{self.hidden} W{self.words}"
-
-    @property
-    def id(self) -> str:
-        return f"v{self.vocab}-m{self.m}-h{self.hidden}-W{self.words}-{dtype_name(self.dtype)}"
+    SHAPE = "v{vocab} m{m} h{hidden} W{words}"
+    ID = "v{vocab}-m{m}-h{hidden}-W{words}-{dtype}"
 
 
 def trigram_bag_cases(quick: bool, device: str) -> list[TrigramBagCase]:
@@ -108,46 +94,29 @@ def base(case, settings):
 def build(module: TFreeEmbedding, variant: str):
     """``(callable inputs -> [words, h], module whose parameters it uses)`` for ``variant``."""
     m = fresh_copy(module)
-    if variant in VARIANTS:
+    if variant in BASE_VARIANTS:
         fn = compile_variant(m, variant)
         return (lambda x: fn(x["slots"], x["word_of_trigram"], x["n_words"])), m
     if variant == "embedding_bag":
         return (lambda x: F.embedding_bag(x["indices"], m.weight, x["offsets"], mode="sum",
                                           include_last_offset=True)), m
     if variant == "aa_op":
-        if not hasattr(torch.ops.aa, "trigram_bag"):
-            pytest.skip("torch.ops.aa.trigram_bag is not registered")
+        skip_unless_aa_op("trigram_bag")
         return (lambda x: torch.ops.aa.trigram_bag(m.weight, x["indices"], x["offsets"])), m
     raise AssertionError(variant)
 
 
-@pytest.mark.parametrize("variant", VARIANTS + PEERS)
+@pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
 def test_trigram_bag_fwd(benchmark, settings, case, base, variant, repeat):
     module, inputs, _ = base
-    (run, _), first = built_variant(("trigram_bag_fwd", case.id, variant),
-                                    lambda: build(module, variant))
-
-    def step():
-        with torch.no_grad():
-            return run(inputs)
-
-    run_benchmark(benchmark, step, settings=settings, workload="trigram_bag_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "trigram_bag_fwd", kind="op",
+                  build=lambda: build(module, variant),
+                  step=lambda built: inference_step(built[0], inputs))
 
 
-@pytest.mark.parametrize("variant", VARIANTS + PEERS)
+@pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
 def test_trigram_bag_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     module, inputs, grad = base
-    (run, m), first = built_variant(("trigram_bag_fwd_bwd", case.id, variant),
-                                    lambda: build(module, variant))
-
-    def step():
-        y = run(inputs)
-        y.backward(grad)
-        m.zero_grad(set_to_none=True)
-        return y
-
-    run_benchmark(benchmark, step, settings=settings, workload="trigram_bag_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="op",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "trigram_bag_fwd_bwd", kind="op",
+                  build=lambda: build(module, variant),
+                  step=lambda built: training_step(built[0], inputs, grad=grad, clear=(built[1],)))

@@ -24,15 +24,15 @@ from aa_compile.kernels.window_attention import reference
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.ops.window_attention import attention
-from bench.harness import compile_variant, dtype_name, run_benchmark, seed_all
-from bench.harness import variant as built_variant
+from bench.harness import (CaseLabels, bench_variant, compile_variant, inference_step, seed_all,
+                           training_step)
 
 VARIANTS = ("eager", "inductor")
 PEERS = ("aa_op", "flex_attention")
 
 
 @dataclasses.dataclass(frozen=True)
-class WindowAttentionCase:
+class WindowAttentionCase(CaseLabels):
     tokens: int  # T, bytes in the packed stream
     docs: int  # documents packed into it (random lengths, seed 0)
     heads: int
@@ -41,15 +41,8 @@ class WindowAttentionCase:
     window: int
     dtype: torch.dtype
 
-    @property
-    def shape(self) -> str:
-        return (f"T{self.tokens}/{self.docs}docs H{self.heads}/{self.kv_heads} "
-                f"D{self.head_dim} w{self.window}")
-
-    @property
-    def id(self) -> str:
-        return (f"T{self.tokens}-docs{self.docs}-H{self.heads}-{self.kv_heads}-D{self.head_dim}"
-                f"-w{self.window}-{dtype_name(self.dtype)}")
+    SHAPE = "T{tokens}/{docs}docs H{heads}/{kv_heads} D{head_dim} w{window}"
+    ID = "T{tokens}-docs{docs}-H{heads}-{kv_heads}-D{head_dim}-w{window}-{dtype}"
 
 
 def window_attention_cases(quick: bool, device: str) -> list[WindowAttentionCase]:
@@ -127,16 +120,9 @@ def build(case, base, variant: str, device: str):
 @pytest.mark.parametrize("variant", VARIANTS + PEERS)
 def test_window_attention_fwd(benchmark, settings, case, base, variant, repeat):
     q, k, v = base[:3]
-    run, first = built_variant(("window_attention_fwd", case.id, variant),
-                               lambda: build(case, base, variant, settings.device))
-
-    def step():
-        with torch.no_grad():
-            return run(q, k, v)
-
-    run_benchmark(benchmark, step, settings=settings, workload="window_attention_fwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="model",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "window_attention_fwd", kind="model",
+                  build=lambda: build(case, base, variant, settings.device),
+                  step=lambda run: inference_step(run, q, k, v))
 
 
 @pytest.mark.parametrize("variant", VARIANTS + PEERS)
@@ -145,16 +131,6 @@ def test_window_attention_fwd_bwd(benchmark, settings, case, base, variant, repe
         pytest.skip("flex_attention has no backward on CPU in this torch")
     q, k, v, grad = (t.detach().clone() for t in base[:4])
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
-    run, first = built_variant(("window_attention_fwd_bwd", case.id, variant),
-                               lambda: build(case, base, variant, settings.device))
-
-    def step():
-        out = run(*leaves)
-        out.backward(grad)
-        for t in leaves:
-            t.grad = None
-        return out
-
-    run_benchmark(benchmark, step, settings=settings, workload="window_attention_fwd_bwd",
-                  variant=variant, shape=case.shape, dtype=case.dtype, kind="model",
-                  first=first)
+    bench_variant(benchmark, settings, case, variant, "window_attention_fwd_bwd", kind="model",
+                  build=lambda: build(case, base, variant, settings.device),
+                  step=lambda run: training_step(run, *leaves, grad=grad, clear=leaves))

@@ -158,3 +158,23 @@ def test_opcheck():
     for args, kwargs in entry.samples("cpu"):
         torch.library.opcheck(entry.op, args, kwargs,
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("which", ["q", "k", "v", "prefix_k", "prefix_v"])
+def test_last_dim_not_unit_stride_matches_reference(mode, which):
+    """``stride(-1) != 1`` (transposed, made contiguous, transposed back): ATen's CPU flash
+    kernel ignores that stride, so the op must not hand it such a tensor."""
+    gen = torch.Generator().manual_seed(3)
+    t = {name: torch.randn(*shape, generator=gen) for name, shape in
+         (("q", (2, 4, 5, 8)), ("k", (2, 2, 5, 8)), ("v", (2, 2, 5, 8)),
+          ("prefix_k", (1, 2, 3, 8)), ("prefix_v", (1, 2, 3, 8)))}
+    t[which] = t[which].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert t[which].stride(-1) != 1
+    idx = torch.tensor([[4, -1], [3, 6]])
+    fac = torch.tensor([[0.1, 1.0], [0.5, 0.2]])
+    args = (t["q"], t["k"], t["v"], idx, fac, mode, True)
+    kwargs = {"q_offset": 3, "prefix_k": t["prefix_k"], "prefix_v": t["prefix_v"]}
+    got = torch.ops.aa.atman_attention(*args, **kwargs)
+    want = reference.atman_attention(*args, 3, None, t["prefix_k"], t["prefix_v"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

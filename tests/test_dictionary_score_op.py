@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aa_compile.ops.dictionary_score as op_module
 
@@ -87,7 +88,6 @@ def test_compiles_fullgraph():
 
 def test_check_indices_switch_gates_value_checks_off_cpu(monkeypatch):
     seen = []
-    monkeypatch.setattr(op_module._VALIDATED, "get", lambda *a: None)  # no memo here
     monkeypatch.setattr(op_module.reference, "check_inputs",
                         lambda *a, check_values, **k: seen.append(check_values))
     meta = [t.to("meta") for t in (P, OFFS, SLOTS, W, NT)]
@@ -140,3 +140,56 @@ def test_value_checks_rerun_after_an_in_place_change():
     slots[1] = 10
     with pytest.raises(ValueError, match=r"slots must lie in \[0, 10\)"):
         OP(P, OFFS, slots, W, NT, 1, 1)
+
+
+def test_csr_offsets_fresh_after_a_write_through_data():
+    """``.data`` writes do not bump the tensor's version counter: the memo must not serve the
+    offsets of the old contents."""
+    ids = torch.tensor([0, 1, 1, 2])
+    assert CSR(ids, 3).tolist() == [0, 1, 3, 4]
+    version = ids._version
+    ids.data[:] = torch.tensor([0, 0, 2, 2])
+    assert ids._version == version  # what makes a version-keyed memo stale
+    assert CSR(ids, 3).tolist() == [0, 2, 2, 4]
+    ids.data[1:3] = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        CSR(ids, 3)
+    ids.data[:] = torch.tensor([0, 1, 1, 3])
+    with pytest.raises(ValueError, match=r"row_ids must lie in \[0, 3\), found 3"):
+        CSR(ids, 3)
+
+
+def _two_id_lists(n_rows: int):
+    return st.integers(0, 12).flatmap(lambda n: st.tuples(
+        *[st.lists(st.integers(0, n_rows - 1), min_size=n, max_size=n).map(sorted)] * 2))
+
+
+@settings(max_examples=25, deadline=None)
+@given(_two_id_lists(7))
+def test_csr_offsets_memo_never_stale(lists):
+    """Whatever sorted ids are written through ``.data`` after a memoised call: fresh offsets."""
+    first, second = (torch.tensor(x, dtype=torch.int64) for x in lists)
+    ids = first.clone()
+    CSR(ids, 7)
+    ids.data[:] = second
+    assert CSR(ids, 7).tolist() == torch.searchsorted(second, torch.arange(8)).tolist()
+
+
+def test_out_of_range_slot_after_a_write_through_data_names_slots():
+    slots = SLOTS.clone()
+    OP(P, OFFS, slots, W, NT, 1, 1)  # valid (and, once, remembered as such)
+    slots.data[1] = 10
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 10\) \(probs has 10 columns\), "
+                                         r"found 10"):
+        OP(P, OFFS, slots, W, NT, 1, 1)
+    slots.data[1] = -1
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 10\).*found -1"):
+        OP(P.double(), OFFS, slots, W, NT, 1, 1)
+
+
+def test_bad_trigram_counts_after_a_write_through_data():
+    nt = NT.clone()
+    OP(P, OFFS, SLOTS, W, nt, 1, 1)
+    nt.data[0] = -1
+    with pytest.raises(ValueError, match="n_trigrams must be >= 0, found -1"):
+        OP(P, OFFS, SLOTS, W, nt, 1, 1)

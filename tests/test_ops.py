@@ -1,11 +1,17 @@
-"""Every registered aa:: op: opcheck (schema, fake impl, autograd) and bad inputs."""
+"""Every registered aa:: op: opcheck (schema, fake impl, autograd), any memory layout of its
+inputs, and bad inputs."""
+
+import importlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aa_compile.ops import OPS
+from aa_compile.ops import OPS, registry
 
 from .conftest import DEVICES
+from .strategies import check_layout_invariance, op_calls
 
 
 def _cases():
@@ -21,9 +27,24 @@ def test_opcheck(name, device):
         torch.library.opcheck(entry.op, args, kwargs)
 
 
+def test_every_defined_op_is_registered():
+    """An op the dispatcher knows in the aa namespace but that registered no samples would
+    escape opcheck and `aa-compile info`."""
+    assert set(registry.defined_ops()) == set(OPS)
+
+
 def test_every_op_names_its_kernels():
+    """Each kernel name is ``module:function`` and resolves to what torch.library runs."""
     for entry in OPS.values():
-        assert {"cpu", "reference"} <= set(entry.kernels), entry.name
+        assert entry.kernels, entry.name
+        for device, name in entry.kernels.items():
+            module, _, qualname = name.partition(":")
+            assert module.startswith("aa_compile."), (entry.name, device, name)
+            if device != "cuda":  # CUDA kernels load Triton on first use
+                target = importlib.import_module(module)
+                for part in qualname.split("."):
+                    target = getattr(target, part)
+                assert callable(target), (entry.name, device, name)
 
 
 @pytest.mark.parametrize(
@@ -35,13 +56,48 @@ def test_every_op_names_its_kernels():
         ((torch.randn(2, 3), torch.ones(3, dtype=torch.int32), 1e-6), "weight must be a float"),
         ((torch.randn(2, 0), None, 1e-6), "non-empty last dimension"),
         ((torch.tensor(1.0), None, 1e-6), "non-empty last dimension"),
+        ((torch.randn(2, 3), None, 1e-6, torch.int32), "out_dtype must be a float dtype"),
+        ((torch.randn(2, 3), None, 1e-6, torch.bool), "out_dtype must be a float dtype"),
+        ((torch.randn(2, 3), None, -1e-6), "eps must be a finite float >= 0, got -1e-06"),
+        ((torch.randn(2, 3), None, float("nan")), "eps must be a finite float >= 0, got nan"),
+        ((torch.randn(2, 3), None, float("inf")), "eps must be a finite float >= 0, got inf"),
     ],
 )
 def test_rms_norm_bad_inputs(args, message):
     with pytest.raises(ValueError, match=message):
         torch.ops.aa.rms_norm(*args)
+    with pytest.raises(ValueError, match=message):  # the fake impl (compiled graphs) too
+        torch.ops.aa.rms_norm(*(a.to("meta") if isinstance(a, torch.Tensor) else a
+                                for a in args))
+
+
+@pytest.mark.parametrize("eps", [-1e-6, float("nan")])
+def test_rms_norm_backward_rejects_bad_eps(eps):
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="aa::rms_norm_backward: eps must be a finite float"):
+        torch.ops.aa.rms_norm_backward(torch.randn(2, 3), x, None, eps)
 
 
 def test_rms_norm_backward_checks_grad_shape():
     with pytest.raises(ValueError, match="grad shape"):
         torch.ops.aa.rms_norm_backward(torch.randn(2, 4), torch.randn(2, 3), None, 1e-6)
+
+
+_SAMPLES: dict[tuple[str, str], list] = {}
+
+
+def _samples_of(name: str, device: str) -> list:
+    if (name, device) not in _SAMPLES:
+        _SAMPLES[name, device] = list(OPS[name].samples(device))
+    return _SAMPLES[name, device]
+
+
+@pytest.mark.parametrize("name, device", _cases())
+@settings(max_examples=40)
+@given(data=st.data())
+def test_every_op_any_layout(name, device, data):
+    """Every tensor argument of every op, as a strided / transposed / permuted / expanded view
+    with a storage offset, gives what the same values give contiguous (outputs, gradients and
+    errors alike)."""
+    call = data.draw(op_calls(_samples_of(name, device)), label="call")
+    check_layout_invariance(OPS[name].op, call, name)

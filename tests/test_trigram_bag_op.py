@@ -97,6 +97,41 @@ def test_empty_bags_and_no_bags():
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("h", [4, 0])
+@pytest.mark.parametrize("n_bags", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("psw", [False, True])
+def test_weight_without_rows_and_no_indices_matches_embedding_bag(h, n_bags, dtype, psw):
+    """``v == 0`` is valid when nothing indexes the table: zeros, as ``F.embedding_bag`` gives,
+    and zero (empty) gradients."""
+    offsets = torch.zeros(n_bags + 1, dtype=torch.int64)
+    indices = torch.zeros(0, dtype=torch.int64)
+    grad = torch.randn(n_bags, h).to(dtype)
+    results = []
+    for fn in (OP, lambda w, i, o, p: F.embedding_bag(i, w, o[:-1], mode="sum",
+                                                      per_sample_weights=p)):
+        w = torch.zeros(0, h, dtype=dtype, requires_grad=True)
+        p = torch.zeros(0, dtype=dtype, requires_grad=True) if psw else None
+        out = fn(w, indices, offsets, p)
+        out.backward(grad)
+        results.append((out.detach(), w.grad, None if p is None else p.grad))
+    for got, want in zip(*results):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert results[0][0].shape == (n_bags, h)
+    dw, dpsw = torch.ops.aa.trigram_bag_backward(grad, torch.zeros(0, h, dtype=dtype), indices,
+                                                 offsets, None, True, False)
+    assert dw.shape == (0, h) and dpsw.numel() == 0
+
+
+def test_weight_without_rows_still_rejects_an_index():
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 0\) \(weight has 0 rows\), "
+                                         r"found 0"):
+        OP(torch.zeros(0, 4), torch.tensor([0]), torch.tensor([0, 1]))
+
+
 def test_compiles_fullgraph_with_autograd():
     weight, indices, offsets, psw, grad = Problem(
         12, 8, (3, 0, 6, 2), False, torch.float32, torch.int64, True, 6

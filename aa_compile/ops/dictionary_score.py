@@ -26,22 +26,23 @@ training-mode graphs (aot_autograd traces a backward) compiling; no gradient flo
 
 **Input validation** (``ValueError`` naming the argument): dtypes, shapes, devices, ``m`` and
 ``k`` always; the values (offsets, slot range, trigram counts) on CPU always and elsewhere only
-when `CHECK_INDICES` is true (reading them is a device sync), as for ``aa::trigram_bag``.
-A dictionary that passed is remembered (weakly, with the tensors' version counters), so the
-O(nnz) value checks run once per dictionary, not once per decoding step; changing one of its
-tensors in place brings them back.
+when `CHECK_INDICES` is true (reading them is a device sync), as for ``aa::trigram_bag``. On
+CPU the slot range is not read in a pass of its own: ATen's embedding bag bounds-checks every
+slot it reads, and its error reruns the full check, which names the slot (the other checks
+read O(n_words) values). Nothing is remembered between calls: a write through ``.data``
+bypasses the version counter, so a remembered "valid" could let a bad slot through.
 
 ``aa::csr_offsets(row_ids, n_rows)``: ``offsets [n_rows + 1]`` int64 with ``row_ids[offsets[r]:
 offsets[r + 1]] == r``; ``row_ids`` must be non-decreasing and in ``[0, n_rows)`` (checked:
-ValueError, on every device). The result is memoised per ``row_ids`` tensor and its version
-counter (an in-place change of it recomputes), because a dictionary's word ids are constant
-across decoding steps while the conversion costs as much as scoring.
+ValueError, on every device, every call). A dictionary's word ids are constant across
+decoding steps and the binary searches cost about as much as scoring, so the last results are
+kept and reused when they fit the current contents (`_offsets_fit`, after the checks): a
+check of the values, not of the version counter, which ``.data`` writes do not bump.
 """
 
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 from torch import Tensor
@@ -59,58 +60,11 @@ CHECK_INDICES: bool = os.environ.get("AA_DICTIONARY_CHECK_INDICES", "0").strip()
 OP = "aa::dictionary_score"
 
 
-class _TensorMemo:
-    """Results keyed on *these* tensors, unchanged: the key holds weakrefs (a live referent
-    cannot share its memory with another tensor) and each tensor's version counter, data
-    pointer, shape and strides (an in-place change bumps the version: recomputed)."""
-
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self.entries: dict[tuple, tuple] = {}
-
-    @staticmethod
-    def _state(tensors, extra):
-        try:
-            versions = tuple(t._version for t in tensors)
-        except RuntimeError:  # inference tensors have no version counter: never memoised
-            return None
-        return versions, tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-                               for t in tensors), extra
-
-    def get(self, tensors, extra):
-        ids = tuple(map(id, tensors))
-        hit = self.entries.get(ids)
-        if hit is None or any(r() is not t for r, t in zip(hit[0], tensors)):
-            return None
-        state = self._state(tensors, extra)
-        return hit[2] if state is not None and state == hit[1] else None
-
-    def put(self, tensors, extra, value) -> None:
-        state = self._state(tensors, extra)
-        if state is None:
-            return
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
-        ids = tuple(map(id, tensors))
-        drop = lambda _, ids=ids: self.entries.pop(ids, None)
-        self.entries[ids] = ([weakref.ref(t, drop) for t in tensors], state, value)
-
-
-#: dictionaries whose value checks passed (they are constant across decoding steps, and the
-#: checks read all of ``slots``: ~30% of a B=1 call at 10^5 words)
-_VALIDATED = _TensorMemo()
-
-
-def _check(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, *, values: bool):
+def _check(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, *, values: bool,
+           check_slots: bool = True):
     check_values = values and (probs.device.type == "cpu" or CHECK_INDICES)
-    dictionary = (word_offsets, slots, n_trigrams)
-    v = probs.shape[1] if probs.dim() == 2 else None
-    if check_values and _VALIDATED.get(dictionary, v) is not None:
-        check_values = False
     reference.check_inputs(probs, word_offsets, slots, slot_weights, n_trigrams, m, k,
-                           check_values=check_values, op=OP)
-    if check_values:
-        _VALIDATED.put(dictionary, v, True)
+                           check_values=check_values, check_slots=check_slots, op=OP)
 
 
 @torch.library.custom_op("aa::dictionary_score", mutates_args=())
@@ -123,8 +77,17 @@ def dictionary_score(
     m: int,
     k: int,
 ) -> tuple[Tensor, Tensor]:
-    _check(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, values=True)
-    return kernels.dictionary_score(probs, word_offsets, slots, slot_weights, n_trigrams, m, k)
+    args = (probs, word_offsets, slots, slot_weights, n_trigrams, m, k)
+    # the CPU kernel (ATen's embedding bag) bounds-checks every slot it reads: no separate pass
+    # over the slots; its error becomes ours (it reads none when B == 0: then they are checked)
+    kernel_checks = probs.device.type == "cpu" and probs.dim() == 2 and probs.shape[0] > 0
+    _check(*args, values=True, check_slots=not kernel_checks)
+    try:
+        return kernels.dictionary_score(*args)
+    except RuntimeError:
+        if kernel_checks:  # raises the ValueError naming the bad slot, if that was the cause
+            _check(*args, values=True)
+        raise
 
 
 @dictionary_score.register_fake
@@ -150,7 +113,10 @@ dictionary_score.register_autograd(_backward, setup_context=_setup_context)
 
 # -- aa::csr_offsets ------------------------------------------------------------------------
 
-_OFFSETS = _TensorMemo()
+#: the last few ``(row_ids, n_rows)`` conversions: ``(data_ptr, numel, dtype, device, n_rows)``
+#: -> offsets, a candidate that `_offsets_fit` checks against the current contents
+_OFFSETS: dict[tuple, Tensor] = {}
+_OFFSETS_SIZE = 8
 
 
 def _check_row_ids(row_ids: Tensor, n_rows: int, op: str = "aa::csr_offsets") -> None:
@@ -163,27 +129,55 @@ def _check_row_ids(row_ids: Tensor, n_rows: int, op: str = "aa::csr_offsets") ->
         raise ValueError(f"{op}: n_rows must be an int >= 0, got {n_rows!r}")
 
 
+def _row_id_stats(row_ids: Tensor) -> tuple[int, int, bool]:
+    """``(first, last, any decrease)`` of non-empty ``row_ids``, in one pass: numpy on CPU
+    (about half the time of torch's comparison there; ``diff()`` is ~20x slower for int64),
+    else torch with one host read."""
+    if row_ids.device.type == "cpu":
+        a = row_ids.detach().numpy()
+        return int(a[0]), int(a[-1]), bool((a[1:] < a[:-1]).any())
+    lo, hi, decreasing = torch.stack(
+        [row_ids[0].long(), row_ids[-1].long(), (row_ids[1:] < row_ids[:-1]).any().long()]
+    ).tolist()
+    return lo, hi, bool(decreasing)
+
+
+def _offsets_fit(row_ids: Tensor, offsets: Tensor, n_rows: int) -> bool:
+    """Whether ``offsets`` are the CSR offsets of ``row_ids`` (non-decreasing, in ``[0,
+    n_rows)``, non-empty): ``row_ids[offsets[r] - 1] < r <= row_ids[offsets[r]]`` wherever those
+    exist, which pins ``offsets[r]`` to the number of ids below ``r``. O(n_rows)."""
+    nnz = row_ids.numel()
+    r = torch.arange(n_rows + 1, device=row_ids.device)
+    before = row_ids.index_select(0, (offsets - 1).clamp_(min=0))  # (not [...]: ~20x slower)
+    at = row_ids.index_select(0, offsets.clamp(max=nnz - 1))
+    fit = ((offsets == 0) | (before < r)) & ((offsets == nnz) | (at >= r))
+    return bool(fit.all())
+
+
 @torch.library.custom_op("aa::csr_offsets", mutates_args=())
 def csr_offsets(row_ids: Tensor, n_rows: int) -> Tensor:
     op = "aa::csr_offsets"
     _check_row_ids(row_ids, n_rows)
-    hit = _OFFSETS.get((row_ids,), n_rows)
-    if hit is not None:
-        return hit.clone()  # a copy: the caller (inductor) may reuse its output buffer
-    if row_ids.numel():
-        lo, hi, decreasing = torch.stack(
-            [row_ids.min().long(), row_ids.max().long(), (row_ids.diff() < 0).any().long()]
-        ).tolist()
-        if decreasing:
-            raise ValueError(f"{op}: row_ids must be non-decreasing (sorted COO row ids), so "
-                             "that each row's entries are contiguous")
-        if lo < 0 or hi >= n_rows:
-            raise ValueError(f"{op}: row_ids must lie in [0, {n_rows}), found "
-                             f"{lo if lo < 0 else hi}")
-    bounds = torch.arange(n_rows + 1, device=row_ids.device, dtype=row_ids.dtype)
-    out = torch.searchsorted(row_ids, bounds).long()
-    _OFFSETS.put((row_ids,), n_rows, out)
-    return out.clone()
+    if not row_ids.numel():
+        return torch.zeros(n_rows + 1, dtype=torch.int64, device=row_ids.device)
+    row_ids = row_ids.contiguous()
+    lo, hi, decreasing = _row_id_stats(row_ids)
+    if decreasing:
+        raise ValueError(f"{op}: row_ids must be non-decreasing (sorted COO row ids), so "
+                         "that each row's entries are contiguous")
+    if lo < 0 or hi >= n_rows:
+        raise ValueError(f"{op}: row_ids must lie in [0, {n_rows}), found "
+                         f"{lo if lo < 0 else hi}")
+    key = (row_ids.data_ptr(), row_ids.numel(), row_ids.dtype, row_ids.device, n_rows)
+    out = _OFFSETS.get(key)
+    if out is None or not _offsets_fit(row_ids, out, n_rows):
+        bounds = torch.arange(n_rows + 1, device=row_ids.device, dtype=row_ids.dtype)
+        out = torch.searchsorted(row_ids, bounds).long()
+        _OFFSETS.pop(key, None)
+        if len(_OFFSETS) >= _OFFSETS_SIZE:
+            _OFFSETS.pop(next(iter(_OFFSETS)))
+        _OFFSETS[key] = out
+    return out.clone()  # a copy: the caller (inductor) may reuse its output buffer
 
 
 @csr_offsets.register_fake

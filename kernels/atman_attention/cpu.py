@@ -174,9 +174,11 @@ def atman_attention(q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor,
     ):
         k, v = with_prefix(k, v, prefix_k, prefix_v)
         n_pre = 0
-    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
-    pk = prefix_k.to(cdt) if n_pre else None
-    pv = prefix_v.to(cdt) if n_pre else None
+    # contiguous: ATen's CPU flash kernel ignores the stride of the last dim (sdpa makes it 1
+    # before calling it; we call the kernel directly), and the parts below view q
+    qc, kc, vc = (t.contiguous().to(cdt) for t in (q, k, v))
+    pk = prefix_k.contiguous().to(cdt) if n_pre else None
+    pv = prefix_v.contiguous().to(cdt) if n_pre else None
     dv = v.shape[3]
     if dv != d:  # the fused kernel wants one head size: zero-pad (scale is explicit)
         e = max(d, dv)

@@ -35,9 +35,11 @@ def raw_sums(p: Tensor, word_offsets: Tensor, slots: Tensor, slot_weights: Tenso
     table = p.t().contiguous()
     if b == 1:
         table = table.expand(-1, 2).contiguous()
+    # contiguous: ATen's kernel reads the offsets and weights as if they were (and rejects
+    # non-contiguous indices)
     out = torch.ops.aten._embedding_bag_forward_only(
-        table, slots, word_offsets.to(slots.dtype), False, 0, False,
-        slot_weights.to(p.dtype), True,
+        table, slots.contiguous(), word_offsets.to(slots.dtype).contiguous(), False, 0, False,
+        slot_weights.to(p.dtype).contiguous(), True,
     )[0]
     return out[:, :b].t()
 

@@ -34,11 +34,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_inputs(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, *,
-                 check_values: bool = True, op: str = "aa::dictionary_score") -> None:
+                 check_values: bool = True, check_slots: bool = True,
+                 op: str = "aa::dictionary_score") -> None:
     """Raise ``ValueError`` naming the argument when the input is not valid (see module doc).
 
     Metadata (dtypes, shapes, devices, ``m``, ``k``) is always checked; ``check_values`` also
-    reads the CSR offsets, the slot range and the trigram counts (a device sync off CPU).
+    reads the CSR offsets, the trigram counts and, unless ``check_slots`` is False, the slot
+    range (a device sync off CPU).
     """
     if not isinstance(probs, Tensor) or probs.dtype not in FLOAT:
         raise ValueError(f"{op}: probs must be a float16/bfloat16/float32/float64 tensor, got "
@@ -76,12 +78,13 @@ def check_inputs(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, *,
         raise ValueError(f"{op}: k must be an int in [0, n_words] = [0, {n_words}] (0: all "
                          f"scores), got {k!r}")
     if check_values:
-        _check_values(probs.shape[1], word_offsets, slots, n_trigrams, nnz, op)
+        _check_values(probs.shape[1], word_offsets, slots, n_trigrams, nnz, op, check_slots)
 
 
-def _check_values(v, word_offsets, slots, n_trigrams, nnz, op) -> None:
-    parts = [word_offsets[0], word_offsets[-1], (word_offsets.diff() < 0).any()]
-    if nnz:
+def _check_values(v, word_offsets, slots, n_trigrams, nnz, op, check_slots=True) -> None:
+    parts = [word_offsets[0], word_offsets[-1], (word_offsets[1:] < word_offsets[:-1]).any()]
+    check_slots = check_slots and nnz > 0
+    if check_slots:
         parts += list(torch.aminmax(slots))
     if n_trigrams.numel():
         parts.append(n_trigrams.min())
@@ -94,7 +97,7 @@ def _check_values(v, word_offsets, slots, n_trigrams, nnz, op) -> None:
     if last != nnz:
         raise ValueError(f"{op}: word_offsets must end at nnz == slots.numel() == {nnz}, got "
                          f"word_offsets[-1] == {last}")
-    if nnz:
+    if check_slots:
         lo, hi = stats[3:5]
         if lo < 0 or hi >= v:
             raise ValueError(f"{op}: slots must lie in [0, {v}) (probs has {v} columns), "

@@ -58,8 +58,9 @@ def int8_linear(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) 
         bm = 16 if m <= 16 else 64
         bn, bk = 64, 64
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        scales = scales.contiguous()  # the kernel reads scales and bias with unit stride
         _int8_linear_kernel[grid](
-            x2, w_int8, scales, bias if bias is not None else scales, out,
+            x2, w_int8, scales, bias.contiguous() if bias is not None else scales, out,
             m, n, k,
             x2.stride(0), x2.stride(1), w_int8.stride(0), w_int8.stride(1),
             out.stride(0), out.stride(1),

@@ -195,9 +195,13 @@ def advise_huge_pages(t: Tensor) -> bool:
 
 
 def _bag(weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None) -> Tensor:
-    """ATen's inference embedding bag (sum, ``include_last_offset``): ``[len(offsets) - 1, h]``."""
+    """ATen's inference embedding bag (sum, ``include_last_offset``): ``[len(offsets) - 1, h]``.
+    Its 1-D inputs are made contiguous: this internal op reads ``offsets`` and ``psw`` as if
+    they were and rejects non-contiguous ``indices`` (``F.embedding_bag`` takes any)."""
+    if psw is not None:
+        psw = psw.contiguous()
     return torch.ops.aten._embedding_bag_forward_only(
-        weight, indices, offsets, False, 0, False, psw, True
+        weight, indices.contiguous(), offsets.contiguous(), False, 0, False, psw, True
     )[0]
 
 
@@ -429,8 +433,8 @@ def psw_grad(grad: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor) -> 
         return torch.zeros(nnz, dtype=weight.dtype, device=weight.device)
     bags = reference.bag_ids(offsets, nnz).to(indices.dtype)
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad.to(weight.dtype).contiguous(), weight.contiguous(), indices,
-        offsets[:-1].to(indices.dtype), bags, 0, -1,
+        grad.to(weight.dtype).contiguous(), weight.contiguous(), indices.contiguous(),
+        offsets[:-1].to(indices.dtype).contiguous(), bags, 0, -1,
     )
 
 

@@ -91,9 +91,10 @@ def check_inputs(
             )
     if not check_values:
         return
-    lo, hi, first, last, decreasing = _value_stats(indices, offsets, check_indices and nnz > 0)
+    read_indices = check_indices and nnz > 0  # (no indices: any v is fine, even 0)
+    lo, hi, first, last, decreasing = _value_stats(indices, offsets, read_indices)
     v = weight.shape[0]
-    if lo < 0 or hi >= v:
+    if read_indices and (lo < 0 or hi >= v):
         bad = lo if lo < 0 else hi
         raise ValueError(f"{op}: indices must lie in [0, {v}) (weight has {v} rows), found {bad}")
     if first != 0:

@@ -39,6 +39,12 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def _unit_last_stride(*ts: Tensor) -> list[Tensor]:
+    """ATen's CPU flash kernels ignore the stride of the head dim (sdpa makes it 1 before
+    calling them; we call them directly): copy a tensor whose last stride is not 1."""
+    return [t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in ts]
+
+
 def _mask(additive: Tensor, group: int) -> Tensor:
     """The block's 0 / -inf mask for its ``group * (e - s)`` rows (query heads of a key head)."""
     return additive.repeat(group, 1) if group > 1 else additive
@@ -51,6 +57,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, doc_offsets: Tensor | None, window:
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     if q.numel() == 0:
         return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1], dtype=compute_dtype(q.dtype))
+    q, k, v = _unit_last_stride(q, k, v)
     q5 = q.reshape(rows, hkv, group, t, d)
     k4, v4 = k.reshape(rows, hkv, t, d), v.reshape(rows, hkv, t, d)
     outs, lses = [], []
@@ -89,6 +96,7 @@ def backward(grad: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Ten
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     if grad_lse is not None and not bool(grad_lse.any()):
         grad_lse = None  # the usual case: only the output is used
+    q, k, v, out, grad = _unit_last_stride(q, k, v, out, grad)
     q5, o5, g5 = (x.reshape(rows, hkv, group, t, d) for x in (q, out, grad))
     l4 = lse.reshape(rows, hkv, group, t)
     gl4 = None if grad_lse is None else grad_lse.reshape(rows, hkv, group, t)

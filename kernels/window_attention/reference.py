@@ -101,7 +101,8 @@ def doc_ids(doc_offsets: Tensor | None, t: int, device: torch.device) -> Tensor:
     pos = torch.arange(t, device=device)
     if doc_offsets is None:
         return torch.zeros(t, dtype=torch.int64, device=device)
-    return torch.searchsorted(doc_offsets.to(torch.int64), pos, right=True) - 1
+    offsets = doc_offsets.to(torch.int64).contiguous()  # (searchsorted copies a strided one)
+    return torch.searchsorted(offsets, pos, right=True) - 1
 
 
 def mask(doc_offsets: Tensor | None, t: int, window: int, device: torch.device) -> Tensor:

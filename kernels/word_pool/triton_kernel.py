@@ -173,8 +173,9 @@ def word_pool_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, word_offsets: T
     shared = q.shape[0] == 1
     dq = torch.empty(n_words, h, d, device=q.device,
                      dtype=torch.float32 if shared else q.dtype)
-    if group == 1:
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if group == 1:  # contiguous like the kernel writes them (empty_like keeps k's strides)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     else:
         dk = torch.empty(t, h, d, dtype=torch.float32, device=k.device)
         dv = torch.empty(t, h, d, dtype=torch.float32, device=k.device)

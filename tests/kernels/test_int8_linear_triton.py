@@ -13,6 +13,11 @@ pytest.importorskip("triton")
 
 from aa_compile.kernels.int8_linear import reference as R
 from aa_compile.kernels.int8_linear import triton_kernel as T
+from aa_compile.ops import OPS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ..strategies import check_layout_invariance, op_calls
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,3 +44,14 @@ def test_bfloat16():
     out = T.int8_linear(x, q.to(DEVICE), s.to(DEVICE), None)
     torch.testing.assert_close(out.double().cpu(), R.int8_linear(x.double().cpu(), q, s, None),
                                rtol=2e-2, atol=5e-2)
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_any_input_layout(data):
+    """Strided / transposed / permuted / expanded x, weight, scales and bias give what
+    contiguous ones give."""
+    samples = [s for s in OPS["aa::int8_linear"].samples(DEVICE)
+               if s[0][0].dtype == torch.float32 or DEVICE != "cpu"]
+    call = data.draw(op_calls(samples), label="call")
+    check_layout_invariance(T.int8_linear, call, "int8_linear")

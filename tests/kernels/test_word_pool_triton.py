@@ -17,9 +17,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from aa_compile.kernels.word_pool import triton_kernel
+from aa_compile.ops import OPS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ..strategies import check_layout_invariance, op_calls
 from .test_word_pool_cpu import Problem, check_all, problems
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,3 +82,16 @@ def _args(t=5, h=2, hkv=2, d=4, w=2, dtype=torch.float32):
 def test_bad_input_raises_naming_argument(bad, name):
     with pytest.raises(ValueError, match=name):
         triton_kernel.word_pool_fwd(*bad(_args()))
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_any_input_layout(data):
+    """Strided / transposed / permuted / expanded q, k, v and grad give what contiguous ones
+    give (the offsets keep their values: the kernels trust them)."""
+    samples = [s for s in OPS["aa::word_pool_backward"].samples(DEVICE)
+               if DEVICE != "cpu" or s[0][1].dtype == torch.float32]
+    call = data.draw(op_calls(samples, keep_values=(4,)), label="call")
+    check_layout_invariance(triton_kernel.word_pool_bwd, call, "word_pool_bwd")
+    fwd = data.draw(op_calls([(a[1:], k) for a, k in samples], keep_values=(3,)), label="fwd")
+    check_layout_invariance(triton_kernel.word_pool_fwd, fwd, "word_pool_fwd")

@@ -12,10 +12,10 @@ from __future__ import annotations
 from importlib import metadata
 
 from aa_compile import ops  # noqa: F401  (defines the aa:: custom ops)
-from aa_compile._logging import configure_from_env, log
-from aa_compile.backend import aa_backend, compile
+from aa_compile.backend import aa_backend, compile, report
 from aa_compile.config import Config
-from aa_compile.report import CompileReport, GraphReport, last_report, report
+from aa_compile.logger import configure_from_env, log
+from aa_compile.report import CompileReport, GraphReport, last_report
 
 __version__ = "0.1.0"
 BACKEND_NAME = "aa"
@@ -39,13 +39,15 @@ def _register_backend() -> None:
     When the package is installed, torch finds the ``torch_dynamo_backends`` entry point and
     registers the backend itself on first use; registering here as well would trip its
     duplicate-name check. From a source tree without an install there is no entry point.
+    The entry point is looked up first: only without one is ``torch._dynamo`` imported here
+    (it imports Triton where Triton is installed; ``import aa_compile`` stays cheap).
     """
+    entry_points = metadata.entry_points(group="torch_dynamo_backends")
+    if any(ep.name == BACKEND_NAME and ep.value.startswith("aa_compile.") for ep in entry_points):
+        return
     from torch._dynamo.backends import registry
 
     if BACKEND_NAME in registry._COMPILER_FNS:
-        return
-    entry_points = metadata.entry_points(group="torch_dynamo_backends")
-    if any(ep.name == BACKEND_NAME and ep.value.startswith("aa_compile.") for ep in entry_points):
         return
     registry.register_backend(aa_backend, name=BACKEND_NAME)
 

@@ -1,30 +1,36 @@
 """The ``aa`` torch.compile backend: run the enabled passes, then hand over to an inner compiler.
 
     torch.compile(model, backend="aa", options={"inner_compiler": "inductor", ...})
+    aa_compile.compile(model, options=...)      # the same, options checked now
+    aa_compile.report(fn, *args, options=...)   # compile afresh, run once, CompileReport
 
 Dynamo gives us its torch-level FX graph with fake example inputs. Each enabled pass rewrites
-that graph in place (into ``aa::`` ops) and records what it did; the result goes to the inner
-compiler. Inductor runs aot_autograd itself, so training graphs get a backward; the ``aa::``
-ops' autograd formulas and decompositions travel with them.
+that graph in place (into ``aa::`` ops) and records what it did (`aa_compile.report`); the
+result goes to the inner compiler. Inductor runs aot_autograd itself, so training graphs get a
+backward; the ``aa::`` ops' autograd formulas and decompositions travel with them.
+
+Inductor (and with it dynamo, which imports Triton where installed) is imported on the first
+compile, not with this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from aa_compile._logging import log
 from aa_compile.config import Config
+from aa_compile.logger import log
+from aa_compile.ops.registry import install_inductor_decompositions, source_hash
 from aa_compile.passes.base import PassContext, PassResult
 from aa_compile.passes.pipeline import PASSES
-from aa_compile.report import GraphReport, next_graph_index, record
+from aa_compile.report import CompileReport, GraphReport, collecting, next_graph_index, record
 
 
 def run_passes(gm: fx.GraphModule, example_inputs: list, config: Config) -> list[PassResult]:
@@ -58,27 +64,34 @@ def _inductor(gm: fx.GraphModule, example_inputs: list, config: Config):
 
     patches = dict(list_mode_options(config.mode)) if config.mode else {}
     patches.update(config.inductor_options)
-    # The aa:: ops' inductor decompositions are installed globally by aa_compile.ops, out of
+    # The aa:: ops' inductor decompositions go into inductor's global table (on the first
+    # inductor compile: importing inductor at import time would load dynamo and Triton), out of
     # sight of inductor's FX-graph cache key; a no-op post-grad pass whose uuid hashes the op
     # and kernel sources puts them into the key (unless the user installed a pass there).
     from torch._inductor import config as inductor_config
 
+    install_inductor_decompositions()
     if ("post_grad_custom_post_pass" not in patches
             and inductor_config.post_grad_custom_post_pass is None):
-        patches["post_grad_custom_post_pass"] = _OpsVersion()
+        patches["post_grad_custom_post_pass"] = _ops_version()
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-class _OpsVersion(CustomGraphPass):
-    """No-op inductor pass that carries `aa_compile.ops.registry.source_hash` as its uuid."""
+@functools.cache
+def _ops_version():
+    """A no-op inductor `CustomGraphPass` that carries `aa_compile.ops.registry.source_hash`
+    as its uuid (the class is made on the first inductor compile: its base class lives in
+    ``torch._inductor``, which this module does not import at import time)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    def __call__(self, graph) -> None:
-        return None
+    class OpsVersion(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
 
-    def uuid(self) -> bytes:
-        from aa_compile.ops.registry import source_hash
+        def uuid(self) -> bytes:
+            return source_hash()
 
-        return source_hash()
+    return OpsVersion()
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: Config):
@@ -147,3 +160,26 @@ def compile(model, *, options: Mapping[str, Any] | Config | None = None, **compi
         )
     config = Config.from_options(options)
     return torch.compile(model, backend="aa", options=config.__dict__, **compile_kwargs)
+
+
+def report(
+    fn: Callable, *args: Any, options: Mapping[str, Any] | Config | None = None, **kwargs: Any
+) -> CompileReport:
+    """Compile ``fn`` with the ``aa`` backend afresh, call it once on ``args``, report.
+
+    ``fn`` may be a module or any callable; ``options`` are the backend options (see
+    `aa_compile.Config`). The compile is independent of earlier ``torch.compile`` calls of the
+    same function, so the report always covers every graph.
+    """
+    if not callable(fn):
+        raise TypeError(
+            f"aa_compile.report: fn must be a module or callable, got {type(fn).__name__}"
+        )
+    config = Config.from_options(options)
+
+    def backend(gm, example_inputs):  # a fresh backend object forces a fresh dynamo compile
+        return aa_backend(gm, example_inputs, options=config)
+
+    with collecting() as collected:
+        torch.compile(fn, backend=backend)(*args, **kwargs)
+    return collected

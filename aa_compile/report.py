@@ -1,15 +1,18 @@
 """Compile reports: which passes ran on which graph, what they rewrote, and what they left and why.
 
-The backend fills a `GraphReport` for every graph dynamo hands it. `report(fn, *args)` compiles
-``fn`` afresh, runs it once and returns the collected `CompileReport`; `last_report()` returns
-the graphs of the most recent compiles in this process.
+The backend records a `GraphReport` for every graph dynamo hands it (`record`). `last_report()`
+returns the graphs of the compiles so far in this process; inside ``with collecting() as rep``
+they are collected into ``rep`` as well, which is how `aa_compile.report(fn, *args)`
+(`aa_compile.backend.report`) reports one fresh compile. This module sits below the backend: it
+imports no compiler.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from aa_compile.passes.base import PassResult
@@ -105,31 +108,13 @@ def last_report() -> CompileReport:
     return CompileReport(list(_last.graphs))
 
 
-def report(
-    fn: Callable, *args: Any, options: Mapping[str, Any] | None = None, **kwargs: Any
-) -> CompileReport:
-    """Compile ``fn`` with the ``aa`` backend afresh, call it once on ``args``, report.
-
-    ``fn`` may be a module or any callable; ``options`` are the backend options (see
-    `aa_compile.Config`). The compile is independent of earlier ``torch.compile`` calls of the
-    same function, so the report always covers every graph.
-    """
-    import torch
-
-    from aa_compile.backend import aa_backend
-    from aa_compile.config import Config
-
-    if not callable(fn):
-        raise TypeError(f"aa_compile.report: fn must be a module or callable, got {type(fn).__name__}")
-    config = Config.from_options(options)
-
-    def backend(gm, example_inputs):  # a fresh backend object forces a fresh dynamo compile
-        return aa_backend(gm, example_inputs, options=config)
-
+@contextlib.contextmanager
+def collecting() -> Iterator[CompileReport]:
+    """Collect the graphs the backend records inside the block into a fresh `CompileReport`
+    (as well as into `last_report`); nested blocks collect into the innermost one only."""
     collected = CompileReport()
     token = _active.set(collected)
     try:
-        torch.compile(fn, backend=backend)(*args, **kwargs)
+        yield collected
     finally:
         _active.reset(token)
-    return collected

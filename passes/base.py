@@ -5,19 +5,20 @@ A pass subclasses `GraphPass` and implements `run(gm, ctx)`. For each candidate 
 when a guard (shape, dtype, device, form) does not hold. The counts and reasons end up in the
 compile report, so tests can assert that a pass fired and users can see why it did not.
 
-`GraphPass` is also an inductor `CustomGraphPass` with a ``uuid()`` derived from the pass's
-source file, so a pass installed as an inductor post-grad hook keeps the FX graph cache usable.
+`GraphPass.as_inductor_pass()` wraps a pass as an inductor `CustomGraphPass` (made on first use:
+importing ``torch._inductor`` at import time would load dynamo and Triton), with a ``uuid()``
+derived from the pass's source, so a pass installed as a post-grad hook keeps the FX graph cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 from typing import ClassVar
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 
 @dataclasses.dataclass
@@ -55,7 +56,7 @@ class PassContext:
         self.result.skipped.append(Skip(name, reason))
 
 
-class GraphPass(CustomGraphPass):
+class GraphPass:
     """Base class of the passes in `aa_compile.passes.pipeline.PIPELINE`."""
 
     name: ClassVar[str]
@@ -66,7 +67,7 @@ class GraphPass(CustomGraphPass):
         raise NotImplementedError
 
     def __call__(self, graph: fx.Graph) -> None:
-        """`CustomGraphPass` entry point, for installing the pass as an inductor hook."""
+        """Run on a bare graph, as an inductor hook does (see `as_inductor_pass`)."""
         gm = graph.owning_module
         if gm is None:
             raise ValueError(f"aa pass {self.name}: the graph has no owning GraphModule")
@@ -76,3 +77,27 @@ class GraphPass(CustomGraphPass):
         """Stable across processes: changes only when the pass's source code changes."""
         module_source = inspect.getsource(inspect.getmodule(type(self))).encode()
         return hashlib.sha256(self.name.encode() + b"\0" + module_source).digest()
+
+    def as_inductor_pass(self):
+        """This pass as an inductor ``CustomGraphPass``, e.g. for
+        ``torch._inductor.config.post_grad_custom_post_pass``."""
+        return _inductor_pass_class()(self)
+
+
+@functools.cache
+def _inductor_pass_class() -> type:
+    from torch._inductor.custom_graph_pass import CustomGraphPass  # lazy: loads dynamo, Triton
+
+    class InductorPass(CustomGraphPass):
+        """A `GraphPass` behind inductor's ``CustomGraphPass`` interface."""
+
+        def __init__(self, graph_pass: GraphPass) -> None:
+            self.graph_pass = graph_pass
+
+        def __call__(self, graph: fx.Graph) -> None:
+            self.graph_pass(graph)
+
+        def uuid(self) -> bytes:
+            return self.graph_pass.uuid()
+
+    return InductorPass

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from aa_compile._logging import log
+from aa_compile.logger import log
 
 from . import match
 from .base import GraphPass, PassContext

@@ -200,8 +200,9 @@ def test_ops_source_hash_tracks_kernel_sources(tmp_path, monkeypatch):
     mod.write_text("X = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     entry = registry.OpEntry(name="aa::_hash_probe", op=None,
-                             kernels={"cpu": "aa_fake_kernel_mod"}, samples=lambda d: iter(()))
-    monkeypatch.setitem(registry.OPS, entry.name, entry)
+                             kernels={"cpu": "aa_fake_kernel_mod:kernel"},
+                             samples=lambda d: iter(()))
+    monkeypatch.setattr(registry, "collect", lambda: {entry.name: entry})
     before = registry.source_hash()
     assert registry.source_hash() == before  # deterministic
     mod.write_text("X = 2\n")

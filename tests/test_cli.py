@@ -16,7 +16,7 @@ def test_info_lists_ops_and_passes(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "aa::rms_norm" in info["ops"]
-    assert info["ops"]["aa::rms_norm"]["cpu"] == "aa_compile.kernels.rms_norm.cpu"
+    assert info["ops"]["aa::rms_norm"]["cpu"] == "aa_compile.kernels.rms_norm.cpu:rms_norm_fwd"
     assert "rms_norm" in info["passes"]
 
 

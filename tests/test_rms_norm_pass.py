@@ -196,13 +196,17 @@ def test_dynamic_shapes_with_symbolic_eps(inner):
 
 
 def test_pass_runs_through_the_custom_graph_pass_interface():
-    """GraphPass.__call__(graph) (inductor's CustomGraphPass hook) rewrites like run() does."""
+    """A pass as inductor's CustomGraphPass hook rewrites like run() does."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
     from aa_compile.passes.pipeline import PASSES
 
+    hook = PASSES["rms_norm"].as_inductor_pass()
+    assert isinstance(hook, CustomGraphPass) and hook.uuid() == PASSES["rms_norm"].uuid()
     seen = []
 
     def backend(gm, example_inputs):
-        PASSES["rms_norm"](gm.graph)
+        hook(gm.graph)
         seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
         return gm.forward
 

@@ -54,6 +54,11 @@ class Component:
     def numel(self) -> int:
         return self.out_features * self.in_features
 
+    @property
+    def part(self) -> str:
+        """``"mlp"`` or ``"attn"``: the half of its layer the component belongs to."""
+        return "mlp" if self.type.startswith("mlp.") else "attn"
+
 
 def find_components(model: nn.Module) -> dict[str, Component]:
     """All components of ``model`` in module order. Raises if there are none."""

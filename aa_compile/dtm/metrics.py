@@ -27,6 +27,18 @@ def logits_of(model: nn.Module, ids: Tensor) -> Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+#: `summarize` statistics a planner may rank by (higher is better)
+RANK_STATISTICS = ("fdt_mean", "fdt_median", "fdt_p10", "fdt_p25", "fdt_min")
+
+
+def check_fraction(name: str, value, high: float = 1.0, closed: bool = True) -> None:
+    """``ValueError`` unless ``value`` is a real number (not a bool) in ``(0, high]``
+    (``closed``) or ``(0, high)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (0 < value <= high if closed else 0 < value < high):
+        raise ValueError(f"{name} must be in (0, {high}{']' if closed else ')'}, got {value!r}")
+
+
 def check_prompts(prompts: Tensor, n_tokens: int) -> None:
     if not isinstance(prompts, Tensor) or prompts.dtype not in (torch.int32, torch.int64):
         raise TypeError("prompts must be an int64 tensor of token ids [batch, prompt_len]")

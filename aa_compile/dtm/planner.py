@@ -81,11 +81,11 @@ def greedy_plan(model: nn.Module, sweep_result: dict, prompts: Tensor, tau: floa
             set_weight_oi(mod, before)
     final = apply(model, plan)
     measured = _measure(final, prompts, n, reference, statistic, tau)
-    return _report(model, plan, measured, order=order, trials=trials,
-                   tau=tau, statistic=statistic)
+    return plan_report(model, plan, measured, order=order, trials=trials,
+                       tau=tau, statistic=statistic)
 
 
-def _report(model, plan, measured, **extra) -> dict:
+def plan_report(model: nn.Module, plan: dict, measured: dict, **extra) -> dict:
     """The plan's bytes and share saved, level counts and ``measured`` summary, plus ``extra``."""
     comps = find_components(model)
     elt = next(model.parameters()).element_size()
@@ -110,7 +110,7 @@ def uniform_baselines(model: nn.Module, levels, prompts: Tensor, n_tokens: int, 
     for lv in levels:
         plan = {n: parse(lv).spec for n in comps}
         measured = _measure(apply(model, plan), prompts, n_tokens, reference, None, tau)
-        out[parse(lv).spec] = _report(model, plan, measured)
+        out[parse(lv).spec] = plan_report(model, plan, measured)
         del out[parse(lv).spec]["plan"]
     return out
 

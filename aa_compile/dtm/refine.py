@@ -27,9 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .components import find_components, magnitude_prune, parse, set_weight_oi, weight_oi
-from .metrics import check_prompts, generate
-from .rounds import RANK_STATISTICS, _check_fraction
-from .sweep import _Context, _part
+from .metrics import RANK_STATISTICS, check_fraction, check_prompts, generate
+from .sweep import Measurer
 
 
 def _key(m: dict, statistic: str) -> tuple[float, float, float]:
@@ -77,14 +76,14 @@ def refine_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float |
     if statistic not in RANK_STATISTICS:
         raise ValueError(f"statistic must be one of {RANK_STATISTICS}, got {statistic!r}")
     for name, v in (("step", step), ("min_step", min_step), ("max_sparsity", max_sparsity)):
-        _check_fraction(name, v, closed=False)
+        check_fraction(name, v, closed=False)
     if min_step > step:
         raise ValueError(f"min_step ({min_step}) must not exceed step ({step})")
     for name, v in (("rounds", rounds), ("candidates", candidates)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if start is None:
-        _check_fraction("share", share, high=max_sparsity)
+        check_fraction("share", share, high=max_sparsity)
     model.eval()
     comps = find_components(model)
     counts = _start_counts(comps, share, start)
@@ -104,7 +103,7 @@ def refine_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float |
 
     def order(name: str) -> tuple[int, int]:
         c = comps[name]
-        return (c.layer, 0 if _part(c) == "attn" else 1)
+        return (c.layer, 0 if c.part == "attn" else 1)
 
     smallest = min(c.numel for c in comps.values())
     quantum = max(1, round(step * smallest))
@@ -114,7 +113,7 @@ def refine_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float |
         from tqdm.auto import tqdm
 
         bar = tqdm(total=rounds, desc="fdtm refine", unit="round")
-    ctx = _Context(work, reference, prompts.shape[1], n_tokens, batch_size)
+    ctx = Measurer(work, reference, prompts.shape[1], n_tokens, batch_size)
     now = start_summary = ctx.measure()
     exchanges = tried_rounds = measurements = 0
     while tried_rounds < rounds:
@@ -162,7 +161,7 @@ def refine_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float |
             bar.update(1)
             bar.set_postfix({statistic: f"{now[statistic]:.2f}", "exchanges": exchanges})
         if kept:
-            ctx = _Context(work, reference, prompts.shape[1], n_tokens, batch_size)
+            ctx = Measurer(work, reference, prompts.shape[1], n_tokens, batch_size)
         elif quantum > floor:
             quantum = max(floor, quantum // 2)
         else:

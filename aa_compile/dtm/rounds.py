@@ -26,20 +26,12 @@ from torch import Tensor, nn
 
 from .apply import apply
 from .components import find_components, magnitude_prune, parse, set_weight_oi, weight_oi
-from .metrics import check_prompts, dtm, generate
-from .planner import _report
-from .sweep import _Context
+from .metrics import RANK_STATISTICS, check_fraction, check_prompts, dtm, generate
+from .planner import plan_report
+from .refine import refine_plan
+from .sweep import Measurer
 
 DEFAULT_STEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-RANK_STATISTICS = ("fdt_mean", "fdt_median", "fdt_p10", "fdt_p25", "fdt_min")
-
-
-def _check_fraction(name: str, value, high: float = 1.0, closed: bool = True) -> None:
-    """``ValueError`` unless ``value`` is a real number (not a bool) in ``(0, high]``
-    (``closed``) or ``(0, high)``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not (0 < value <= high if closed else 0 < value < high):
-        raise ValueError(f"{name} must be in (0, {high}{']' if closed else ')'}, got {value!r}")
 
 
 def _check_steps(steps) -> tuple[float, ...]:
@@ -70,10 +62,10 @@ def budget_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float,
     measurements. Raises ``ValueError`` for a share the ladder cannot reach.
     """
     check_prompts(prompts, n_tokens)
-    _check_fraction("share", share)
+    check_fraction("share", share)
     if statistic not in RANK_STATISTICS:
         raise ValueError(f"statistic must be one of {RANK_STATISTICS}, got {statistic!r}")
-    _check_fraction("fraction", fraction)
+    check_fraction("fraction", fraction)
     if rank not in ("per_byte", "result"):
         raise ValueError(f"rank must be 'per_byte' or 'result', got {rank!r}")
     steps = _check_steps(steps)
@@ -102,7 +94,7 @@ def budget_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float,
         bar = tqdm(total=round(share * total), desc="fdtm rounds", unit="B", unit_scale=True)
     rounds = measurements = 0
     while saved() < share * total:
-        ctx = _Context(work, reference, prompts.shape[1], n_tokens, batch_size)
+        ctx = Measurer(work, reference, prompts.shape[1], n_tokens, batch_size)
         now = ctx.measure() if rank == "per_byte" else None
         moves = []
         for name, comp in comps.items():
@@ -137,9 +129,9 @@ def budget_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float,
         bar.close()
     plan = {n: parse(f"prune:{steps[i]}").spec for n, i in level.items() if i >= 0}
     measured = dtm(model, apply(model, plan), prompts, n_tokens, reference, batch_size).summary()
-    return _report(model, plan, measured, target_share=share, rounds=rounds,
-                   measurements=measurements, statistic=statistic, rank=rank, steps=list(steps),
-                   fraction=fraction)
+    return plan_report(model, plan, measured, target_share=share, rounds=rounds,
+                       measurements=measurements, statistic=statistic, rank=rank,
+                       steps=list(steps), fraction=fraction)
 
 
 @torch.no_grad()
@@ -155,8 +147,6 @@ def equal_reduction(model: nn.Module, prompts: Tensor, n_tokens: int,
     (`aa_compile.dtm.refine.refine_plan`, exchanges starting from the uniform plan).
     ``eval_prompts``: held-out prompts the plan was not made on; when given, each row also has
     ``uniform_eval`` and ``plan_eval`` summaries on them (the fair comparison)."""
-    from .refine import refine_plan  # refine imports this module
-
     if method not in ("rounds", "refine"):
         raise ValueError(f"method must be 'rounds' or 'refine', got {method!r}")
     check_prompts(prompts, n_tokens)

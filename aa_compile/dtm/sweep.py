@@ -38,10 +38,6 @@ def supports_reuse(model: nn.Module) -> bool:
     return isinstance(model, Transformer)
 
 
-def _part(comp: Component) -> str:
-    return "mlp" if comp.type.startswith("mlp.") else "attn"
-
-
 class _Resumable:
     """Layer-by-layer replay of `Transformer.forward` (no cache) with cached states."""
 
@@ -81,10 +77,11 @@ def _preds_nll(logits: Tensor, ref: Tensor, p: int) -> tuple[Tensor, Tensor]:
     return lg.argmax(-1), nll.mean(1)
 
 
-class _Context:
+class Measurer:
     """FDT measurements of ``model`` with its current weights against ``reference``: the
     layer inputs are cached once (reference transformer) and each measurement resumes at the
-    changed component's layer; other models recompute the whole pass."""
+    changed component's layer; other models recompute the whole pass. Shared by the sweep and
+    the fixed-budget planners (`aa_compile.dtm.rounds`, `aa_compile.dtm.refine`)."""
 
     def __init__(self, model: nn.Module, reference: Tensor, prompt_len: int, n_tokens: int,
                  batch_size: int, reuse: bool = True) -> None:
@@ -101,7 +98,7 @@ class _Context:
         preds, nlls = [], []
         for k, chunk in enumerate(self.chunks):
             if self.runner is not None:
-                layer, part = (0, "attn") if comp is None else (comp.layer, _part(comp))
+                layer, part = (0, "attn") if comp is None else (comp.layer, comp.part)
                 logits = self.runner.resume(self.states[k], layer, part)
             else:
                 logits = logits_of(self.model, chunk[:, :-1])
@@ -143,7 +140,7 @@ def sweep(model: nn.Module, prompts: Tensor, n_tokens: int, levels=DEFAULT_LEVEL
     p = prompts.shape[1]
     if reference is None:
         reference = generate(model, prompts, n_tokens, batch_size)
-    ctx = _Context(model, reference, p, n_tokens, batch_size, reuse)
+    ctx = Measurer(model, reference, p, n_tokens, batch_size, reuse)
     reuse = ctx.runner is not None
     base_nll = torch.cat([_preds_nll(logits_of(model, c[:, :-1]), c, p)[1] for c in ctx.chunks])
 

@@ -14,8 +14,8 @@ from . import word_pool  # noqa: F401  (aa::word_pool[_backward])
 from . import guide_add  # noqa: F401  (aa::guide_add[_rms_norm][_backward])
 from . import int8_linear  # noqa: F401  (aa::int8_linear)
 from . import atman_attention  # noqa: F401  (aa::atman_attention)
-from .registry import OPS, OpEntry, install_inductor_decompositions
+from .registry import OpEntry, collect, install_inductor_decompositions
 
-install_inductor_decompositions()
+OPS = collect()
 
-__all__ = ["OPS", "OpEntry"]
+__all__ = ["OPS", "OpEntry", "install_inductor_decompositions"]

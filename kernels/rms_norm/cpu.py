@@ -1,16 +1,6 @@
-"""CPU path of `aa::rms_norm`.
-
-Two routes, chosen by how the op is run:
-
-- **Compiled** (``backend="aa"`` with inductor): `inductor_decompositions` hands inductor the
-  reference math in place of the opaque op, below autograd, so the op's own backward formula is
-  kept and inductor fuses forward and backward into single vectorized loops, together with the
-  neighbouring elementwise work (residual adds, casts).
-- **Eager** (the op called directly, or ``inner_compiler="eager"``): `rms_norm_fwd` and
-  `rms_norm_bwd` below use the fewest full passes over the tensor eager PyTorch allows:
-  ``vector_norm`` reduces in float32 without materializing an upcast copy, and the scaling is
-  done in place. About 2-3x faster than the reference's eight separate ops.
-"""
+"""Eager CPU kernel of `aa::rms_norm`: the fewest full passes over the tensor eager PyTorch
+allows (``vector_norm`` reduces in float32 without an upcast copy; the scaling is in place).
+Compiled graphs use inductor's code instead (the op's decompositions)."""
 
 from __future__ import annotations
 
@@ -62,23 +52,3 @@ def rms_norm_bwd(
     proj = torch.linalg.vecdot(g, xhat, dim=-1).unsqueeze(-1).div_(n)
     dx = g.sub_(xhat.mul_(proj)).mul_(rstd)
     return dx.to(x.dtype).reshape(x.shape), dweight
-
-
-def inductor_decompositions() -> dict:
-    """Decompositions that let inductor generate the CPU code for the op (see module doc).
-
-    They decline (``NotImplemented``) for non-CPU tensors, which keep their device kernel.
-    """
-
-    def fwd(x, weight, eps, out_dtype=None):
-        if x.device.type != "cpu":
-            return NotImplemented
-        return reference.rms_norm(x, weight, eps, out_dtype)
-
-    def bwd(grad, x, weight, eps):
-        if x.device.type != "cpu":
-            return NotImplemented
-        dx, dw = reference.rms_norm_backward(grad, x, weight, eps)
-        return dx, (dw if dw is not None else x.new_empty(0))
-
-    return {torch.ops.aa.rms_norm.default: fwd, torch.ops.aa.rms_norm_backward.default: bwd}

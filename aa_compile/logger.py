@@ -1,4 +1,10 @@
-"""The ``aa_compile`` logger. ``AA_COMPILE_LOG=debug`` (or info, warning) turns on its output."""
+"""The ``aa_compile`` logger. ``AA_COMPILE_LOG=debug`` (or info, warning) turns on its output.
+
+A leaf shared by the layers that log (the backend, the passes, the ops): it imports nothing of
+``aa_compile`` (contract ``shared-leaves`` in ``.importlinter``). The kernels import nothing of
+``aa_compile`` outside themselves; one that logs uses ``logging.getLogger(__name__)``, a child of
+this logger, so ``AA_COMPILE_LOG`` reaches it too.
+"""
 
 from __future__ import annotations
 

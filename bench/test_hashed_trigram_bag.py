@@ -31,10 +31,11 @@ from typing import ClassVar
 
 import pytest
 import torch
-from aa_compile.kernels import hashed_trigram_bag as hashed_kernels
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
+from aa_compile.kernels.hashed_trigram_bag import cpu as hashed_cpu
 from aa_compile.models.tfree import TFreeEmbedding, TrigramTokenizer
+from aa_compile.ops.registry import triton_kernel
 from bench.harness import (CaseLabels, bench_variant, fresh_copy, inference_step, seed_all,
                            training_step)
 from bench.test_tfree_tokenizer import paragraphs
@@ -126,10 +127,10 @@ def build(module: TFreeEmbedding, variant: str, case: HashedBagCase):
             m.weight, x["trigram_ids"], x["trigram_offsets"], case.m, K_LOWER,
             x["whole_word_slots"])), m
     if variant == "hash_only":
-        if m.weight.device.type == "cuda" and hashed_kernels._use_triton(m.weight):
-            slots_fn = hashed_kernels._triton().trigram_slots
-        else:
-            slots_fn = hashed_kernels.cpu.materialize_slots
+        slots_fn = hashed_cpu.materialize_slots  # what the op's CPU kernel runs
+        if m.weight.device.type == "cuda" and m.weight.dtype != torch.float64:
+            slots_fn = triton_kernel("aa_compile.kernels.hashed_trigram_bag.triton_kernel",
+                                     "trigram_slots", fallback=slots_fn)
         return (lambda x: slots_fn(x["trigram_ids"], case.vocab, case.m, K_LOWER,
                                    x["whole_word_slots"])), m
     raise AssertionError(variant)

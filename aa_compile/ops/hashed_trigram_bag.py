@@ -9,36 +9,16 @@ computed by the kernel (only the ids travel: m times fewer index bytes than a sl
                                     Tensor? whole_word_slots=None,
                                     bool deterministic=True) -> Tensor
 
-``weight [v, h]`` (float16/bfloat16/float32/float64); ``trigram_ids [n_trigrams]`` int64 or
-int32; ``trigram_offsets [n_words + 1]`` int64 or int32 CSR (``[0]`` = 0, non-decreasing, last
-= n_trigrams); ``1 <= m <= min(v, 2**16)``; ``0 <= k_lower <= m``; ``whole_word_slots
-[n_whole, m]`` int64 or int32 in ``[0, v)`` (optional). Output ``[n_words, h]`` in
-``weight.dtype``: ``out[w]`` is the sum over word w's ids t of the sum of ``weight[s]`` over
-t's m slots s, where an id ``t < 2**24`` is a byte trigram whose slots are the ``"fast"`` hash
-mode's (`aa_compile.models.tfree.hashing.fast_slots` with ``vocab_size = v``, lowercase sharing
-``k_lower``) and an id ``t >= 2**24`` (``tokenizer.WHOLE_WORD_BASE``) is a word hashed whole,
-whose slots are row ``t - 2**24`` of ``whole_word_slots``.
-
-So for ``batch = TrigramTokenizer(vocab_size=v, m=m, k_lower=k, hash_mode="fast").encode(...)``::
-
-    aa::hashed_trigram_bag(weight, batch.trigram_ids, batch.trigram_offsets, m, k,
-                           batch.whole_word_slots)
-      == aa::trigram_bag(weight, batch.indices, batch.offsets)
-
-(same slots, same order, same kernels on CPU: bit-equal there). Precision and determinism as
-`aa::trigram_bag`: float32 accumulation (float64 for float64 weights), one rounding; ``weight``
-gets a dense gradient (``aa::hashed_trigram_bag_backward``, sorted segments, bitwise
-reproducible; ``deterministic=False`` lets the CUDA path use float atomics); ids, offsets and
-whole-word slots get none. Not differentiable twice. Kernels: ``aa_compile.kernels.
-hashed_trigram_bag`` (CPU: the hash vectorized in torch, then the trigram-bag CPU kernels;
-CUDA: the hash inside the Triton forward kernel).
-
-**Input validation** (``ValueError`` naming the argument): dtypes, shapes, devices, ``m`` and
-``k_lower`` always; the *values* (id range, CSR offsets, whole-word slot range) on the CPU
-always, elsewhere only when ``aa_compile.ops.trigram_bag.CHECK_INDICES`` is true (one switch for
-both bag ops; reading values is a device sync). Unchecked bad values on a GPU: an id in
-``[2**24, 2**24 + n_whole)`` outside the table reads out of bounds; a byte-trigram id is always
-hashed into ``[0, v)``.
+``out[w]`` sums ``weight[s]`` over the m slots s of each id of word w (CSR ``trigram_offsets``):
+ids below ``2**24`` are byte trigrams hashed by the ``"fast"`` mode
+(`aa_compile.kernels.tfree_hashing`), ids from ``2**24`` are rows of ``whole_word_slots``. So
+for a ``TrigramTokenizer(hash_mode="fast")`` batch it equals ``aa::trigram_bag(weight,
+batch.indices, batch.offsets)`` (bit-equal on CPU). Precision, determinism and validation as
+`aa::trigram_bag` (values checked on CPU always, elsewhere with
+``aa_compile.ops.trigram_bag.CHECK_INDICES``). Numerics: ``kernels/hashed_trigram_bag/
+reference.py``. Kernels: CPU ``cpu.py``, CUDA ``triton_kernel.py`` (the hash inside the kernel);
+other devices, float64 on CUDA and CUDA without Triton run the CPU module (torch ops: any
+device, deterministic). More: ``docs/tfree.md``.
 """
 
 from __future__ import annotations
@@ -46,18 +26,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import hashed_trigram_bag as kernels
-from aa_compile.kernels.hashed_trigram_bag import reference
+from aa_compile.kernels.hashed_trigram_bag import cpu, reference
 
-from . import trigram_bag as _trigram_bag_op
-from .registry import OpEntry, register
+from . import trigram_bag as trigram_bag_op
+from .registry import register_kernels, register_samples, triton_kernel
+
+OP = "aa::hashed_trigram_bag"
+_TRITON = "aa_compile.kernels.hashed_trigram_bag.triton_kernel"
 
 
-def _check(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots, *, values: bool,
-           op: str) -> None:
-    check_values = values and (weight.device.type == "cpu" or _trigram_bag_op.CHECK_INDICES)
+def check_inputs(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots, *,
+                 values: bool, op: str) -> None:
+    """Metadata always; values (a device sync off CPU) when ``values`` and (CPU or
+    ``trigram_bag.CHECK_INDICES``)."""
+    check_values = values and (weight.device.type == "cpu" or trigram_bag_op.CHECK_INDICES)
     reference.check_inputs(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots,
                            check_values=check_values, op=op)
+
+
+def check(weight: Tensor, trigram_ids: Tensor, trigram_offsets: Tensor, m: int, k_lower: int,
+          whole_word_slots: Tensor | None = None, deterministic: bool = True) -> None:
+    """The argument checks of `aa::hashed_trigram_bag` before any kernel."""
+    check_inputs(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots,
+                 values=True, op=OP)
 
 
 @torch.library.custom_op("aa::hashed_trigram_bag", mutates_args=())
@@ -70,23 +61,38 @@ def hashed_trigram_bag(
     whole_word_slots: Tensor | None = None,
     deterministic: bool = True,
 ) -> Tensor:
-    _check(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots, values=True,
-           op="aa::hashed_trigram_bag")
-    return kernels.forward(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots)
+    check(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots)
+    return cpu.hashed_trigram_bag_fwd(weight, trigram_ids, trigram_offsets, m, k_lower,
+                                      whole_word_slots)
 
 
 @hashed_trigram_bag.register_fake
 def _(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots=None,
       deterministic=True):
-    _check(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots, values=False,
-           op="aa::hashed_trigram_bag")
+    check_inputs(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots,
+                 values=False, op=OP)
     return weight.new_empty(trigram_offsets.shape[0] - 1, weight.shape[1])
 
 
 def _check_grad(grad: Tensor, weight: Tensor, trigram_offsets: Tensor) -> None:
-    _trigram_bag_op.check_grad(grad, weight, trigram_offsets,
-                               op="aa::hashed_trigram_bag_backward",
-                               rows="n_words")
+    trigram_bag_op.check_grad(grad, weight, trigram_offsets,
+                              op="aa::hashed_trigram_bag_backward", rows="n_words")
+
+
+def check_backward(grad: Tensor, weight: Tensor, trigram_ids: Tensor, trigram_offsets: Tensor,
+                   m: int, k_lower: int, whole_word_slots: Tensor | None = None,
+                   deterministic: bool = True) -> None:
+    """The argument checks of `aa::hashed_trigram_bag_backward` before any kernel."""
+    check_inputs(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots,
+                 values=True, op="aa::hashed_trigram_bag_backward")
+    _check_grad(grad, weight, trigram_offsets)
+
+
+def _cpu_backward(grad, weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots=None,
+                  deterministic=True):
+    """The CPU module's backward (torch ops: any device; always deterministic)."""
+    return cpu.hashed_trigram_bag_bwd(grad, weight, trigram_ids, trigram_offsets, m, k_lower,
+                                      whole_word_slots)
 
 
 @torch.library.custom_op("aa::hashed_trigram_bag_backward", mutates_args=())
@@ -100,21 +106,50 @@ def hashed_trigram_bag_backward(
     whole_word_slots: Tensor | None = None,
     deterministic: bool = True,
 ) -> Tensor:
-    op = "aa::hashed_trigram_bag_backward"
-    _check(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots, values=True, op=op)
-    _check_grad(grad, weight, trigram_offsets)
-    return kernels.backward(grad, weight, trigram_ids, trigram_offsets, m, k_lower,
-                            whole_word_slots, deterministic)
+    args = (grad, weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots)
+    check_backward(*args)
+    return _cpu_backward(*args)
 
 
 @hashed_trigram_bag_backward.register_fake
 def _(grad, weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots=None,
       deterministic=True):
-    op = "aa::hashed_trigram_bag_backward"
-    _check(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots, values=False,
-           op=op)
+    check_inputs(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots,
+                 values=False, op="aa::hashed_trigram_bag_backward")
     _check_grad(grad, weight, trigram_offsets)
     return weight.new_empty(weight.shape)
+
+
+def _cpu_forward(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots=None,
+                 deterministic=True):
+    return cpu.hashed_trigram_bag_fwd(weight, trigram_ids, trigram_offsets, m, k_lower,
+                                      whole_word_slots)
+
+
+_triton_forward = triton_kernel(_TRITON, "hashed_trigram_bag_fwd",
+                                fallback=cpu.hashed_trigram_bag_fwd)
+_triton_backward = triton_kernel(_TRITON, "hashed_trigram_bag_bwd", fallback=_cpu_backward)
+
+
+def _cuda_forward(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots=None,
+                  deterministic=True):
+    """Triton (the hash inside the kernel) for 16/32-bit floats; float64 runs the CPU module."""
+    fn = cpu.hashed_trigram_bag_fwd if weight.dtype == torch.float64 else _triton_forward
+    return fn(weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots)
+
+
+def _cuda_backward(grad, weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots=None,
+                   deterministic=True):
+    """Triton for 16/32-bit floats (``deterministic=False``: float atomics); float64 runs the
+    CPU module."""
+    fn = _cpu_backward if weight.dtype == torch.float64 else _triton_backward
+    return fn(grad, weight, trigram_ids, trigram_offsets, m, k_lower, whole_word_slots,
+              deterministic)
+
+
+register_kernels(hashed_trigram_bag, check=check, cpu=_cpu_forward, cuda=_cuda_forward)
+register_kernels(hashed_trigram_bag_backward, check=check_backward, cpu=_cpu_backward,
+                 cuda=_cuda_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -161,16 +196,6 @@ def _samples(device: str):
     yield (randn(4, 5), t([]), t([0, 0, 0]), 3, 1, None), {}
 
 
-_KERNELS = {
-    "cpu": "aa_compile.kernels.hashed_trigram_bag.cpu",
-    "cuda": "aa_compile.kernels.hashed_trigram_bag.triton_kernel",
-    "reference": "aa_compile.kernels.hashed_trigram_bag.reference",
-}
-
-register(OpEntry(name="aa::hashed_trigram_bag", op=torch.ops.aa.hashed_trigram_bag,
-                 kernels=_KERNELS, samples=_samples))
-
-
 def _backward_samples(device: str):
     for args, kwargs in _samples(device):
         weight = args[0].detach()
@@ -178,6 +203,5 @@ def _backward_samples(device: str):
         yield (grad, weight, *args[1:]), dict(kwargs)
 
 
-register(OpEntry(name="aa::hashed_trigram_bag_backward",
-                 op=torch.ops.aa.hashed_trigram_bag_backward, kernels=_KERNELS,
-                 samples=_backward_samples))
+register_samples(hashed_trigram_bag, _samples)
+register_samples(hashed_trigram_bag_backward, _backward_samples)

@@ -1,58 +1,25 @@
-"""`aa::trigram_bag`: the T-FREE input embedding as a sum embedding bag, forward and backward.
+"""`aa::trigram_bag`: the T-FREE input embedding as a sum embedding bag, forward and backward,
+with `aa::tfree_words_to_csr` (its input from the T-FREE reference embedding's) and the lean CPU
+forward `aa::trigram_bag_cpu` that compiled graphs call.
 
     aa::trigram_bag(Tensor weight, Tensor indices, Tensor offsets,
                     Tensor? per_sample_weights=None, bool deterministic=True) -> Tensor
-    aa::tfree_words_to_csr(Tensor slots, Tensor word_of_trigram, SymInt n_words)
-        -> (Tensor indices, Tensor offsets)
     aa::trigram_bag_backward(Tensor grad, Tensor weight, Tensor indices, Tensor offsets,
                              Tensor? per_sample_weights, bool need_weight_grad,
                              bool need_psw_grad, bool deterministic=True) -> (Tensor, Tensor)
+    aa::tfree_words_to_csr(Tensor slots, Tensor word_of_trigram, SymInt n_words)
+        -> (Tensor indices, Tensor offsets)
+    aa::trigram_bag_cpu(Tensor weight, Tensor indices, Tensor offsets,
+                        Tensor? per_sample_weights=None) -> Tensor
 
-``weight [v, h]`` (float16/bfloat16/float32/float64), ``indices [nnz]`` int64 or int32 slot ids,
-``offsets [n_bags + 1]`` int64 or int32 CSR bag boundaries (``offsets[0] == 0``,
-non-decreasing, ``offsets[-1] == nnz``), ``per_sample_weights [nnz]`` (optional, weight's dtype).
-Output ``[n_bags, h]`` in ``weight.dtype``::
-
-    out[b] = sum_{j in [offsets[b], offsets[b + 1])} per_sample_weights[j] * weight[indices[j]]
-
-An empty bag is a zero row; ``n_bags == 0`` gives ``[0, h]``. For T-FREE, a bag is a word and
-its entries are the m slots of each of the word's trigrams (a slot hit twice counts twice).
-
-The semantics are ``F.embedding_bag(indices, weight, offsets[:-1], mode="sum",
-per_sample_weights=per_sample_weights)`` except for precision: every kernel multiplies and sums
-in float32 (float64 for float64 weights) and rounds once to ``weight.dtype``. Numerics:
-``aa_compile.kernels.trigram_bag.reference``.
-
-Gradients (``register_autograd``): ``weight`` gets a dense ``[v, h]`` gradient in its dtype;
-``per_sample_weights`` gets ``dpsw[j] = <grad[bag(j)], weight[indices[j]]>``; ``indices`` and
-``offsets`` get none. The backward is its own op, ``aa::trigram_bag_backward``, which returns an
-empty tensor in place of a gradient that was not asked for (``need_*_grad``) or has no input
-(no ``per_sample_weights``). It is not differentiable itself (no double backward).
-
-**Determinism.** ``dweight`` is computed by sorting ``indices`` (stable) and reducing each run of
-equal index in a fixed order, with no float atomics: bitwise reproducible run to run, on every
-device. ``deterministic=False`` lets the CUDA (Triton) path scatter with float atomics instead
-(no sort; the last bits then vary between runs); other paths ignore it.
-
-**Input validation** (``ValueError`` naming the argument): dtypes, shapes and devices are always
-checked. The *values* (indices within ``[0, v)``, offsets starting at 0, non-decreasing and
-ending at ``nnz``) are checked on CPU always; on other devices reading them is a device
-synchronization, so there they are checked only when `CHECK_INDICES` is true (set the module
-attribute, or the environment variable ``AA_TRIGRAM_BAG_CHECK_INDICES=1`` before import). With
-the check off, out-of-range indices or malformed offsets on a GPU read out of bounds (undefined
-results or a device fault), as with ``F.embedding`` on CUDA.
-
-**Compiled** (``backend="aa"``, inductor, CPU): the forward is decomposed into a lean op,
-``aa::trigram_bag_cpu`` (``kernels.trigram_bag.cpu.inductor_decompositions``: no Python
-custom-op layer per call; the native float32 kernel, ATen's embedding bag for other dtypes),
-except for an output above ``kernels.trigram_bag.cpu.CHUNK_BYTES`` (16 MiB), where this op
-runs; the backward stays `aa::trigram_bag_backward`. The value checks still hold there but
-raise ``RuntimeError`` (an index outside ``[0, v)`` or malformed offsets, with this op's
-message, from the kernel's own checks).
-
-``aa::tfree_words_to_csr`` turns the T-FREE reference embedding's input (trigram slots
-``[n, m]`` and the word of each trigram, in any order) into this op's CSR bags; the
-``tfree_embedding`` pass emits it. Integer outputs, no autograd.
+``out[b] = sum_{j in [offsets[b], offsets[b + 1])} per_sample_weights[j] * weight[indices[j]]``
+for CSR ``offsets [n_bags + 1]``: ``F.embedding_bag(mode="sum")``, but accumulated in float32
+(float64 for float64 weights) and rounded once. Numerics and valid input:
+``kernels/trigram_bag/reference.py``. Kernels: CPU ``cpu.py`` (with ``cpu_avx2.py``), CUDA
+``triton_kernel.py``; other devices, float64 on CUDA and CUDA without Triton run the CPU
+module's ATen path, which serves any device and keeps the backward deterministic there (the
+reference's ``index_add_`` would not). Semantics, validation (`CHECK_INDICES`), determinism
+and the compiled path: ``docs/tfree.md``.
 """
 
 from __future__ import annotations
@@ -62,10 +29,13 @@ import os
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import trigram_bag as kernels
-from aa_compile.kernels.trigram_bag import reference
+from aa_compile.kernels.trigram_bag import cpu, cpu_avx2, reference
 
-from .registry import OpEntry, register
+from .registry import (register_decompositions, register_kernels, register_samples,
+                       triton_kernel)
+
+OP = "aa::trigram_bag"
+_TRITON = "aa_compile.kernels.trigram_bag.triton_kernel"
 
 #: Check index / offset *values* on non-CPU devices too (a device sync per call). CPU always
 #: checks. Initialised from the environment variable ``AA_TRIGRAM_BAG_CHECK_INDICES``.
@@ -78,8 +48,8 @@ CHECK_INDICES: bool = os.environ.get("AA_TRIGRAM_BAG_CHECK_INDICES", "0").strip(
 )
 
 
-def _check(weight, indices, offsets, per_sample_weights, *, values: bool, op: str,
-           kernel_checks_indices: bool = False) -> None:
+def check_inputs(weight, indices, offsets, per_sample_weights, *, values: bool, op: str,
+                 kernel_checks_indices: bool = False) -> None:
     """Metadata always; values (a device sync off CPU) when ``values`` and (CPU or
     `CHECK_INDICES`); the index range not when the kernel about to run checks it itself."""
     on_cpu = weight.device.type == "cpu"
@@ -90,6 +60,21 @@ def _check(weight, indices, offsets, per_sample_weights, *, values: bool, op: st
     )
 
 
+def _kernel_checks_indices(weight: Tensor) -> bool:
+    """The CPU kernels (native float32, ATen's embedding bag) bounds-check every index as they
+    read it, so the CPU forward skips a separate pass over the indices (with ``h == 0`` they
+    read nothing: then the indices are checked up front)."""
+    return weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[1] > 0
+
+
+def check(weight: Tensor, indices: Tensor, offsets: Tensor,
+          per_sample_weights: Tensor | None = None, deterministic: bool = True) -> None:
+    """The argument checks of `aa::trigram_bag` before any kernel (``ValueError`` naming the
+    argument)."""
+    check_inputs(weight, indices, offsets, per_sample_weights, values=True, op=OP,
+                 kernel_checks_indices=_kernel_checks_indices(weight))
+
+
 @torch.library.custom_op("aa::trigram_bag", mutates_args=())
 def trigram_bag(
     weight: Tensor,
@@ -98,25 +83,13 @@ def trigram_bag(
     per_sample_weights: Tensor | None = None,
     deterministic: bool = True,
 ) -> Tensor:
-    op = "aa::trigram_bag"
-    # The CPU kernels (native float32, ATen's embedding bag) bounds-check every index as they
-    # read it, so the CPU forward skips a separate pass over the indices and turns the kernel's
-    # error into ours.
-    # (With h == 0 the kernel reads nothing, so then the indices are checked here.)
-    kernel_checks = weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[1] > 0
-    _check(weight, indices, offsets, per_sample_weights, values=True, op=op,
-           kernel_checks_indices=kernel_checks)
-    try:
-        return kernels.forward(weight, indices, offsets, per_sample_weights)
-    except RuntimeError:
-        if kernel_checks:  # raises the ValueError naming the bad index, if that was the cause
-            _check(weight, indices, offsets, per_sample_weights, values=True, op=op)
-        raise
+    check(weight, indices, offsets, per_sample_weights)
+    return cpu.trigram_bag_fwd(weight, indices, offsets, per_sample_weights)
 
 
 @trigram_bag.register_fake
 def _(weight, indices, offsets, per_sample_weights=None, deterministic=True):
-    _check(weight, indices, offsets, per_sample_weights, values=False, op="aa::trigram_bag")
+    check_inputs(weight, indices, offsets, per_sample_weights, values=False, op=OP)
     return weight.new_empty(offsets.shape[0] - 1, weight.shape[1])
 
 
@@ -134,6 +107,28 @@ def check_grad(grad: Tensor, weight: Tensor, offsets: Tensor,
         raise ValueError(f"{op}: grad is on {grad.device}, but weight is on {weight.device}")
 
 
+def check_backward(grad: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor,
+                   per_sample_weights: Tensor | None, need_weight_grad: bool,
+                   need_psw_grad: bool, deterministic: bool = True) -> None:
+    """The argument checks of `aa::trigram_bag_backward` before any kernel."""
+    check_inputs(weight, indices, offsets, per_sample_weights, values=True,
+                 op="aa::trigram_bag_backward")
+    check_grad(grad, weight, offsets)
+
+
+def _or_empty(weight: Tensor, dw: Tensor | None, dpsw: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The backward op's outputs: an empty tensor for a gradient not computed."""
+    return (dw if dw is not None else weight.new_empty(0),
+            dpsw if dpsw is not None else weight.new_empty(0))
+
+
+def _aten_backward(grad, weight, indices, offsets, per_sample_weights, need_weight_grad,
+                   need_psw_grad, deterministic=True):
+    """The CPU module's backward (ATen ops: any device; always deterministic)."""
+    return cpu.trigram_bag_bwd(grad, weight, indices, offsets, per_sample_weights,
+                               need_weight_grad, need_psw_grad)
+
+
 @torch.library.custom_op("aa::trigram_bag_backward", mutates_args=())
 def trigram_bag_backward(
     grad: Tensor,
@@ -145,29 +140,62 @@ def trigram_bag_backward(
     need_psw_grad: bool,
     deterministic: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    op = "aa::trigram_bag_backward"
-    _check(weight, indices, offsets, per_sample_weights, values=True, op=op)
-    check_grad(grad, weight, offsets)
-    dw, dpsw = kernels.backward(
-        grad, weight, indices, offsets, per_sample_weights, need_weight_grad, need_psw_grad,
-        deterministic,
-    )
-    return (
-        dw if dw is not None else weight.new_empty(0),
-        dpsw if dpsw is not None else weight.new_empty(0),
-    )
+    args = (grad, weight, indices, offsets, per_sample_weights, need_weight_grad, need_psw_grad)
+    check_backward(*args)
+    return _or_empty(weight, *_aten_backward(*args))
 
 
 @trigram_bag_backward.register_fake
 def _(grad, weight, indices, offsets, per_sample_weights, need_weight_grad, need_psw_grad,
       deterministic=True):
     op = "aa::trigram_bag_backward"
-    _check(weight, indices, offsets, per_sample_weights, values=False, op=op)
+    check_inputs(weight, indices, offsets, per_sample_weights, values=False, op=op)
     check_grad(grad, weight, offsets)
     dw = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty(0)
     has_dpsw = need_psw_grad and per_sample_weights is not None
     dpsw = weight.new_empty(indices.shape) if has_dpsw else weight.new_empty(0)
     return dw, dpsw
+
+
+def _cpu_forward(weight, indices, offsets, per_sample_weights=None, deterministic=True):
+    """`cpu.trigram_bag_fwd`; an index error of the kernel becomes the ``ValueError`` naming the
+    bad index (`check` left the index range to the kernel)."""
+    try:
+        return cpu.trigram_bag_fwd(weight, indices, offsets, per_sample_weights)
+    except RuntimeError:
+        check_inputs(weight, indices, offsets, per_sample_weights, values=True, op=OP)
+        raise
+
+
+def _cpu_backward(grad, weight, indices, offsets, per_sample_weights, need_weight_grad,
+                  need_psw_grad, deterministic=True):
+    return _or_empty(weight, *cpu.trigram_bag_bwd(grad, weight, indices, offsets,
+                                                  per_sample_weights, need_weight_grad,
+                                                  need_psw_grad))
+
+
+_triton_forward = triton_kernel(_TRITON, "trigram_bag_fwd", fallback=cpu.trigram_bag_fwd)
+_triton_backward = triton_kernel(_TRITON, "trigram_bag_bwd", fallback=_aten_backward)
+
+
+def _cuda_forward(weight, indices, offsets, per_sample_weights=None, deterministic=True):
+    """Triton for 16/32-bit floats; float64 runs the CPU module's ATen path."""
+    fn = cpu.trigram_bag_fwd if weight.dtype == torch.float64 else _triton_forward
+    return fn(weight, indices, offsets, per_sample_weights)
+
+
+def _cuda_backward(grad, weight, indices, offsets, per_sample_weights, need_weight_grad,
+                   need_psw_grad, deterministic=True):
+    """Triton for 16/32-bit floats (``deterministic=False``: float atomics); float64 runs the
+    CPU module's ATen path."""
+    fn = _aten_backward if weight.dtype == torch.float64 else _triton_backward
+    return _or_empty(weight, *fn(grad, weight, indices, offsets, per_sample_weights,
+                                 need_weight_grad, need_psw_grad, deterministic))
+
+
+register_kernels(trigram_bag, check=check, cpu=_cpu_forward, cuda=_cuda_forward)
+register_kernels(trigram_bag_backward, check=check_backward, cpu=_cpu_backward,
+                 cuda=_cuda_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -189,6 +217,69 @@ def _backward(ctx, grad):
 
 
 trigram_bag.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- aa::trigram_bag_cpu: the CPU forward of compiled graphs, without the custom-op layer -------
+
+# A plain dispatcher op (no torch.library.custom_op Python layer: validation, fake-tensor and
+# autograd wrappers cost ~0.1 ms a call), emitted only by the inductor decomposition below,
+# under autograd, so it has no autograd formula. Its kernel checks the values itself.
+_LIB = torch.library.Library("aa", "FRAGMENT")
+_LIB.define("trigram_bag_cpu(Tensor weight, Tensor indices, Tensor offsets, "
+            "Tensor? per_sample_weights=None) -> Tensor")
+register_kernels("aa::trigram_bag_cpu", cpu=cpu.trigram_bag_cpu)
+
+
+@torch.library.register_fake("aa::trigram_bag_cpu", lib=_LIB)
+def _(weight, indices, offsets, per_sample_weights=None):
+    return weight.new_empty(offsets.shape[0] - 1, weight.shape[1])
+
+
+def _decline(op):
+    """``NotImplemented`` (the op stays in the graph), after giving inductor a fallback lowering
+    for ``op`` (an extern call of the op itself): inductor refuses an op that is in its
+    decomposition table but has no lowering. Called while inductor compiles, so importing its
+    lowering module here loads nothing new."""
+    from torch._inductor import lowering
+
+    if op not in lowering.lowerings:
+        lowering.make_fallback(op, warn=False, override_decomp=True)
+    return NotImplemented
+
+
+def _inductor_decompositions() -> dict:
+    """The CPU forward as a direct call in inductor's generated code, without the Python
+    custom-op layer: ``aa::trigram_bag_cpu`` (float32 where the AVX2 kernel is available) or
+    ``aten::_embedding_bag_forward_only``. The backward op is not decomposed (it stays ours).
+    Declines (``NotImplemented``) off CPU, for a width that is not a known positive int, and
+    for an output known to exceed ``cpu.CHUNK_BYTES`` (there the op's chunked, huge-page
+    kernel runs: the Python cost is small next to the page faults it saves)."""
+
+    def fwd(weight, indices, offsets, per_sample_weights=None, deterministic=True):
+        h = weight.shape[1] if weight.dim() == 2 else None
+        if weight.device.type != "cpu" or not isinstance(h, int) or h == 0:
+            return _decline(torch.ops.aa.trigram_bag.default)
+        n_bags = offsets.shape[0] - 1
+        if isinstance(n_bags, int) and n_bags * h * weight.element_size() > cpu.CHUNK_BYTES:
+            return _decline(torch.ops.aa.trigram_bag.default)
+        if cpu.native(weight):
+            # the AVX2 kernel through a plain op: it checks the offsets and indices itself
+            return torch.ops.aa.trigram_bag_cpu(weight, indices, offsets, per_sample_weights)
+        # ATen's kernel checks every index it reads (RuntimeError naming the bad one) and
+        # offsets[0]. The rest is checked by inductor asserts: offsets[-1] == nnz and
+        # non-decreasing offsets. (fbgemm's kernels reject some decreasing offsets themselves,
+        # but not every pattern, as a CI run showed: the loop over the offsets stays, one
+        # cheap pass over n_bags + 1 integers.)
+        nnz = indices.shape[0]
+        msg = f"{OP}: {cpu_avx2.OFFSETS_MESSAGE}"
+        torch.ops.aten._assert_async.msg(offsets[-1] == nnz, msg)
+        torch.ops.aten._assert_async.msg((offsets[1:] >= offsets[:-1]).all(), msg)
+        return cpu.aten_bag(weight.contiguous(), indices, offsets, per_sample_weights)
+
+    return {torch.ops.aa.trigram_bag.default: fwd}
+
+
+register_decompositions(trigram_bag, _inductor_decompositions)
 
 
 def _samples(device: str):
@@ -222,23 +313,6 @@ def _samples(device: str):
     yield (randn(4, 5, grad=True), idx, offs), {}
 
 
-_KERNELS = {
-    "cpu": "aa_compile.kernels.trigram_bag.cpu",
-    "cuda": "aa_compile.kernels.trigram_bag.triton_kernel",
-    "reference": "aa_compile.kernels.trigram_bag.reference",
-}
-
-register(
-    OpEntry(
-        name="aa::trigram_bag",
-        op=torch.ops.aa.trigram_bag,
-        kernels=_KERNELS,
-        samples=_samples,
-        decompositions=kernels.cpu.inductor_decompositions,
-    )
-)
-
-
 def _backward_samples(device: str):
     for args, kwargs in _samples(device):
         weight, indices, offsets = (a.detach() for a in args[:3])
@@ -248,14 +322,16 @@ def _backward_samples(device: str):
         yield (grad, weight, indices, offsets, psw, False, psw is not None), dict(kwargs)
 
 
-register(
-    OpEntry(
-        name="aa::trigram_bag_backward",
-        op=torch.ops.aa.trigram_bag_backward,
-        kernels=_KERNELS,
-        samples=_backward_samples,
-    )
-)
+def _cpu_op_samples(device: str):
+    """The forward's samples without gradients, as CPU tensors on every device: the op has
+    only a CPU kernel (compiled CPU graphs are its only callers)."""
+    for args, _ in _samples("cpu"):
+        yield tuple(a.detach() for a in args), {}
+
+
+register_samples(trigram_bag, _samples)
+register_samples(trigram_bag_backward, _backward_samples)
+register_samples("aa::trigram_bag_cpu", _cpu_op_samples)
 
 
 # --- aa::tfree_words_to_csr: the T-FREE reference embedding's input as CSR bags ---------------
@@ -297,14 +373,13 @@ def tfree_words_to_csr(slots: Tensor, word_of_trigram: Tensor, n_words: int
                        ) -> tuple[Tensor, Tensor]:
     """T-FREE reference input (``slots [n, m]``, ``word_of_trigram [n]`` in any order,
     ``n_words``) -> ``(indices [n * m], offsets [n_words + 1] int64)`` for `aa::trigram_bag`,
-    each word's trigrams in their original order (see
-    ``aa_compile.kernels.trigram_bag.cpu.words_to_csr``; on CPU, word ids already in order, as a
-    tokenizer emits them, skip the sort and gather: ``indices`` is then a plain copy of
-    ``slots``). Word ids outside ``[0, n_words)`` raise ``ValueError`` (checked like
-    `aa::trigram_bag`'s indices: always on CPU, elsewhere with `CHECK_INDICES`). Integer
-    outputs: no gradient."""
+    each word's trigrams in their original order (spec: ``reference.words_to_csr``). Word ids
+    outside ``[0, n_words)`` raise ``ValueError`` (checked like `aa::trigram_bag`'s indices:
+    always on CPU, elsewhere with `CHECK_INDICES`). Integer outputs: no gradient. One kernel
+    for every device, ``cpu.words_to_csr`` (ATen ops; on CPU, word ids already in order skip
+    the sort)."""
     presorted = _check_words(slots, word_of_trigram, n_words, values=True)
-    return kernels.cpu.words_to_csr(slots, word_of_trigram, n_words, presorted)
+    return cpu.words_to_csr(slots, word_of_trigram, n_words, presorted)
 
 
 @tfree_words_to_csr.register_fake
@@ -327,13 +402,4 @@ def _words_samples(device: str):
            torch.zeros(0, dtype=torch.int64).to(device), 3), {}
 
 
-register(
-    OpEntry(
-        name="aa::tfree_words_to_csr",
-        op=torch.ops.aa.tfree_words_to_csr,
-        kernels={"cpu": "aa_compile.kernels.trigram_bag.cpu",
-                 "cuda": "aa_compile.kernels.trigram_bag.cpu",
-                 "reference": "aa_compile.kernels.trigram_bag.reference"},
-        samples=_words_samples,
-    )
-)
+register_samples(tfree_words_to_csr, _words_samples)

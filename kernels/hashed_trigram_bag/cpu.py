@@ -2,42 +2,23 @@
 integer ops, then the `aa::trigram_bag` CPU kernels on the materialized slots (numerics:
 :mod:`aa_compile.kernels.hashed_trigram_bag.reference`).
 
-**The hash in torch** (`fast_slots`, bit-identical to `aa_compile.models.tfree.hashing.fast_slots`,
-property-tested against it). torch has no unsigned 64-bit shifts or products on CPU (``uint64``
-lacks ``rshift``), so SplitMix64 runs on int64: addition, product and xor of two's-complement
-int64 are the same bits as mod-2**64 unsigned arithmetic (ATen's int64 ``mul`` wraps), and a
-logical right shift by ``s`` is the arithmetic one masked to its low ``64 - s`` bits. The
-constants are passed as their signed int64 readings.
-
-Base slots of ``n`` trigrams: all ``m`` first candidates (``j = 0``) at once as an ``[n, m]``
-tensor, sorted along the row. A row whose sorted candidates hold no two equal neighbours needed
-no retry (its candidate k was new among candidates 0..k-1), so the sorted row *is* its base
-slots. Only the rows with a repeat (rare: about ``m**2 / (2 v)`` of them) rerun the defining
-column-by-column loop with its retries ``j = 1, 2, ...``: in Python integers for up to
-`SCALAR_RETRY_ROWS` rows (`_retry_rows_scalar`: a T-FREE batch has a handful, and a torch op
-costs more dispatch time than a Python loop step), vectorized over the rows beyond that
-(`_retry_rows`, small v). Lowercase sharing then hashes the patterns of the case variants
-(when ``k_lower > 0``) and copies their last ``k_lower`` sorted slots in.
-
-Every torch op here exists on every device, so this is also the path of CUDA float64 and CUDA
-without Triton (there the collision and variant checks are host syncs).
-
-`materialize_slots` hashes each distinct id once by default (`UNIQUE`: ``torch.unique`` and a
-gather back), since text repeats trigrams a lot: the benchmark's generated text has 4x fewer
-distinct trigrams than trigrams at 512 words, 20x at 4096. Measured on the 2-core dev VM (one
-thread, loaded by other jobs, so minima of 15 runs; v=8192, m=10, k_lower=2): 4096 words =
-17.8k trigrams hash in 3.3 ms with ``unique`` vs 21 ms without; 512 words in 0.9-2.3 ms either
-way (dispatch-bound). Against the bag itself that is ~2% (h=1024) to ~20-40% (h=256) of the
-forward at 4096 words; see the report in ``bench/test_hashed_trigram_bag.py``.
+`fast_slots` is bit-identical to `aa_compile.kernels.tfree_hashing.fast_slots` (property-tested
+against it). torch has no unsigned 64-bit shifts or products on CPU, so SplitMix64 runs on
+int64 (the same bits mod 2**64; a logical right shift is the arithmetic one masked). All ``m``
+first candidates are computed at once and sorted; only rows with a repeat (about ``m**2 / (2 v)``
+of them) rerun the defining loop with retries. `materialize_slots` hashes each distinct id once
+(text repeats trigrams a lot). Every torch op here exists on every device, so this module also
+serves CUDA float64 and CUDA without Triton. Design: ``docs/tfree.md``; measurements:
+``docs/performance.md``.
 """
 
 from __future__ import annotations
 
 import torch
-from aa_compile.kernels.trigram_bag import cpu as bag_cpu
 from torch import Tensor
 
-from aa_compile.models.tfree.hashing import TRIGRAM_COUNT
+from aa_compile.kernels.tfree_hashing import GOLDEN, MIX1, MIX2, TRIGRAM_COUNT
+from aa_compile.kernels.trigram_bag import cpu as bag_cpu
 
 #: ``trigram_ids`` at or above this are rows of ``whole_word_slots`` (== tokenizer.WHOLE_WORD_BASE)
 WHOLE_WORD_BASE = TRIGRAM_COUNT
@@ -48,9 +29,9 @@ def _signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-_GOLDEN = _signed(0x9E3779B97F4A7C15)
-_MIX1 = _signed(0xBF58476D1CE4E5B9)
-_MIX2 = _signed(0x94D049BB133111EB)
+_GOLDEN = _signed(GOLDEN)
+_MIX1 = _signed(MIX1)
+_MIX2 = _signed(MIX2)
 
 
 def _xor_lshr(z: Tensor, s: int) -> Tensor:
@@ -98,9 +79,9 @@ _M64 = (1 << 64) - 1
 
 def _candidate_int(i: int, k: int, j: int, v: int) -> int:
     """``candidate(i, k, j)`` in Python integers (the retry path of a few rows)."""
-    z = ((i | k << 24 | j << 40) + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    z = ((i | k << 24 | j << 40) + GOLDEN) & _M64
+    z = ((z ^ (z >> 30)) * MIX1) & _M64
+    z = ((z ^ (z >> 27)) * MIX2) & _M64
     return ((z ^ (z >> 31)) >> 32) % v
 
 
@@ -121,7 +102,7 @@ def _retry_rows_scalar(ids: Tensor, first: Tensor, v: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.int64, device=ids.device)
 
 
-#: default of `materialize_slots`'s ``unique`` (see the module doc)
+#: default of `materialize_slots`'s ``unique``: hash each distinct id once
 UNIQUE = True
 
 #: colliding rows up to this many take the Python-integer retry path
@@ -146,7 +127,7 @@ def fast_base_slots(ids: Tensor, v: int, m: int) -> Tensor:
 
 def lowercase_partner(ids: Tensor) -> Tensor:
     """Per id: its ``[a-z ]^3`` lowercase pattern if it is a case variant of one, else itself
-    (`hashing.lowercase_partner` in torch)."""
+    (`tfree_hashing.lowercase_partner` in torch)."""
     ids = ids.long()
     lowered = torch.zeros_like(ids)
     allowed = torch.ones_like(ids, dtype=torch.bool)
@@ -160,7 +141,7 @@ def lowercase_partner(ids: Tensor) -> Tensor:
 
 def fast_slots(ids: Tensor, v: int, m: int, k_lower: int) -> Tensor:
     """``[n, m]`` int64 fast-mode slots with lowercase sharing, on ``ids``' device:
-    bit-identical to `hashing.fast_slots` (ids must lie in ``[0, 2**24)``)."""
+    bit-identical to `tfree_hashing.fast_slots` (ids must lie in ``[0, 2**24)``)."""
     ids = ids.reshape(-1).long()
     out = fast_base_slots(ids, v, m)
     if k_lower == 0 or ids.numel() == 0:

@@ -4,7 +4,7 @@ definition of valid input (`check_inputs`).
 Semantics, for ``weight [v, h]``, ``trigram_ids [n_trigrams]``, CSR ``trigram_offsets
 [n_words + 1]``, ``m``, ``k_lower`` and optional ``whole_word_slots [n_whole, m]``::
 
-    slots(t) = hashing.fast_slots([t], v, m, k_lower)[0]     if t < WHOLE_WORD_BASE (2**24)
+    slots(t) = tfree_hashing.fast_slots([t], v, m, k_lower)[0] if t < WHOLE_WORD_BASE (2**24)
              = whole_word_slots[t - WHOLE_WORD_BASE]           otherwise
     out[w]   = sum_{t in trigram_ids[trigram_offsets[w]:trigram_offsets[w + 1]]}
                    sum_{s in slots(t)} weight[s]                                    # [n_words, h]
@@ -17,23 +17,24 @@ one rounding to ``weight.dtype``. ``dweight[s] = sum over the occurrences of s i
 list of grad[w]``; ids, offsets and whole-word slots get no gradient.
 
 This module materializes the slots with the spec's own numpy hash
-(`aa_compile.models.tfree.hashing.fast_slots`) and runs the `aa::trigram_bag` reference
-(gather + ``index_add_``), so it shares no hashing code with the kernels it checks.
+(`aa_compile.kernels.tfree_hashing.fast_slots`) and runs the `aa::trigram_bag` reference
+(gather + ``index_add_``), so it shares no hashing code (only the spec's constants) with the
+kernels it checks.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from aa_compile.kernels.trigram_bag import reference as bag_reference
 from torch import Tensor
 
-from aa_compile.models.tfree import hashing
+from aa_compile.kernels import tfree_hashing
+from aa_compile.kernels.trigram_bag import reference as bag_reference
 
 #: ``trigram_ids`` at or above this are rows of ``whole_word_slots``.
-WHOLE_WORD_BASE = hashing.TRIGRAM_COUNT
+WHOLE_WORD_BASE = tfree_hashing.TRIGRAM_COUNT
 #: largest ``m`` of the fast hash mode (its key packing)
-FAST_MAX_M = hashing.FAST_MAX_M
+FAST_MAX_M = tfree_hashing.FAST_MAX_M
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
@@ -146,12 +147,12 @@ def _value_stats(ids: Tensor, offs: Tensor, wws: Tensor | None) -> list[int]:
 
 def slots(trigram_ids: Tensor, v: int, m: int, k_lower: int,
           whole_word_slots: Tensor | None = None) -> Tensor:
-    """``[n_trigrams, m]`` int64 slots on the CPU, by `hashing.fast_slots` (numpy)."""
+    """``[n_trigrams, m]`` int64 slots on the CPU, by `tfree_hashing.fast_slots` (numpy)."""
     ids = trigram_ids.detach().cpu().long().numpy()
     out = np.zeros((ids.shape[0], m), dtype=np.int64)
     hashed = ids < WHOLE_WORD_BASE
     if hashed.any():
-        out[hashed] = hashing.fast_slots(ids[hashed], v, m, k_lower)
+        out[hashed] = tfree_hashing.fast_slots(ids[hashed], v, m, k_lower)
     if (~hashed).any():
         rows = whole_word_slots.detach().cpu().long().numpy()
         out[~hashed] = rows[ids[~hashed] - WHOLE_WORD_BASE]

@@ -23,7 +23,7 @@ Kernels:
   weight rows (the pattern's tile under a mask that is all-false for non-variants: no loads),
   accumulates in float32 and stores its block of the output row once. The hash is recomputed
   per column block (tens of integer ops per slot against ``BLOCK_H`` loaded elements).
-- ``_slots_kernel``, one program per trigram: writes its m slots in `hashing.fast_slots` order
+- ``_slots_kernel``, one program per trigram: writes its m slots in `tfree_hashing.fast_slots` order
   (sorted base slots, the last k_lower replaced by the pattern's), used by the backward and by
   the tests to check the in-kernel hash bit for bit.
 
@@ -97,7 +97,7 @@ def _trigram_slots(ids_ptr, t, wws_ptr, V, M, K_LOWER, BLOCK_M: tl.constexpr):
     """Slots of entry ``t`` of ``ids``: ``(own, keep, own_pos, pattern, take, pattern_pos)``.
 
     The trigram's slots are ``own[keep]`` and ``pattern[take]``; ``*_pos`` are their columns in
-    `hashing.fast_slots` order (lane order for whole-word rows)."""
+    `tfree_hashing.fast_slots` order (lane order for whole-word rows)."""
     lanes = tl.arange(0, BLOCK_M)
     valid = lanes < M
     tid = tl.load(ids_ptr + t).to(tl.int64)
@@ -168,7 +168,7 @@ def _hashed_bag_fwd_kernel(
 
 @triton.jit
 def _slots_kernel(ids_ptr, wws_ptr, out_ptr, V, M, K_LOWER, BLOCK_M: tl.constexpr):
-    """``out[t, :m]`` = the slots of entry ``t`` in `hashing.fast_slots` order."""
+    """``out[t, :m]`` = the slots of entry ``t`` in `tfree_hashing.fast_slots` order."""
     t = tl.program_id(0).to(tl.int64)
     own, keep, own_pos, pattern, take, pattern_pos = _trigram_slots(
         ids_ptr, t, wws_ptr, V, M, K_LOWER, BLOCK_M)
@@ -191,7 +191,7 @@ def _block_m(m: int) -> int:
 
 def trigram_slots(trigram_ids: Tensor, v: int, m: int, k_lower: int,
                   whole_word_slots: Tensor | None = None) -> Tensor:
-    """``[n_trigrams, m]`` int64 slots (`hashing.fast_slots` order; whole-word rows as given),
+    """``[n_trigrams, m]`` int64 slots (`tfree_hashing.fast_slots` order; whole-word rows as given),
     computed by ``_slots_kernel`` (input assumed valid)."""
     n = trigram_ids.numel()
     if m > MAX_FUSED_M:
@@ -224,10 +224,10 @@ def hashed_trigram_bag_fwd(
         return out
     ids = trigram_ids.contiguous()
     wws = ids if whole_word_slots is None else whole_word_slots.contiguous()  # unread if None
-    block_h = bag_triton._block_h(h)
+    block_h = bag_triton.column_block(h)
     _hashed_bag_fwd_kernel[(n_words, triton.cdiv(h, block_h))](
         weight.contiguous(), ids, trigram_offsets.contiguous(), wws, out, h, v, m, k_lower,
-        BLOCK_M=_block_m(m), BLOCK_H=block_h, num_warps=bag_triton._num_warps(block_h),
+        BLOCK_M=_block_m(m), BLOCK_H=block_h, num_warps=bag_triton.warps_for(block_h),
     )
     return out
 

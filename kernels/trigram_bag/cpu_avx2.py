@@ -2,33 +2,13 @@
 with the system C compiler (:mod:`aa_compile.kernels._native`) and called through ``ctypes``.
 
 ``out[b] = sum_{j in [offsets[b], offsets[b + 1])} (psw[j] *) weight[indices[j]]``, each bag
-summed in index order in float32 by one thread: ``acc = acc + row`` (``fma(row, psw[j], acc)``
-with per-sample weights) from ``acc = 0``, element by element, the same operations in the same
-order as ATen's (fbgemm) embedding bag, so the result is the same bits as
-``aten::_embedding_bag_forward_only`` (tested) and does not depend on the thread count.
-
-How: the output row is the accumulator (it stays in L1: 4 KiB at h = 1024, 16 KiB at 4096) and
-`ROWS` (6) table rows are added per pass over it, ``((((o + r0) + r1) + ...) + r5)`` in
-registers (the order of one row at a time, a sixth of the output loads and stores), while the
-rows `PREFETCH` (12) entries ahead are software-prefetched (one prefetch per 64-byte line, spread
-over the pass; indices are known ahead, and a bag's next rows are the next entries, across bag
-boundaries too). Each table row is read as one contiguous stream, which the hardware prefetcher
-follows after its first lines; the software prefetch covers the row starts, which it cannot
-guess. Measured and rejected (interleaved, see ``cpu.py``'s module doc): one row per pass
-(0.7-1.05x ATen: the output row's loads and stores), register-blocked columns (64 lanes in 8
-accumulators, each bag's rows walked once per block: 0.5-0.9x, the rows are then read in
-256-byte pieces that the hardware prefetcher does not follow), 4 / 8 rows per pass (a little
-slower than 6 in most shapes, within noise), prefetch distances 4 / 6 / 8 / 16 entries.
-
-Threads: bags are split into chunks of about equal ``nnz`` (``8 * threads`` chunks, found by
-binary search in the offsets), claimed by the caller and the helpers of a small C pool
-(`aa_compile.kernels._native.POOL_SOURCE`: the caller never waits for a helper that has not
-started); one thread below `PARALLEL_GRAIN` multiply-adds.
-
-Validation (so callers need no separate pass): the kernel checks the offsets (``offsets[0] ==
-0``, non-decreasing, ``offsets[-1] == nnz``: one pass over ``n_bags + 1`` integers before any
-work) and every index as it reads it; `bag_sum` raises ``RuntimeError`` with the op's message
-for either (the output is then partial and discarded).
+summed in index order in float32 by one thread with the same operations in the same order as
+ATen's (fbgemm) embedding bag, so the result is the same bits as
+``aten::_embedding_bag_forward_only`` (tested) and does not depend on the thread count. It is
+faster because it adds `ROWS` table rows per pass over the output row (which stays in L1) and
+software-prefetches the rows `PREFETCH` entries ahead; bags are split over a small C thread pool.
+It checks the offsets and every index itself, so callers need no separate pass. Design:
+``docs/tfree.md``; measurements: ``docs/performance.md``.
 
 `available` is False, and callers fall back to ATen, where `aa_compile.kernels._native` cannot
 build or load the kernel, or when `ENABLED` is False (``AA_TRIGRAM_BAG_NATIVE=0`` before import,
@@ -42,8 +22,11 @@ import functools
 import os
 
 import torch
-from aa_compile.kernels import _native
 from torch import Tensor
+
+from aa_compile.kernels import _native
+
+from .huge_pages import advise_huge_pages
 
 #: use the native kernel where it is available (``AA_TRIGRAM_BAG_NATIVE=0``: ATen everywhere)
 ENABLED: bool = os.environ.get("AA_TRIGRAM_BAG_NATIVE", "1").strip().lower() not in (
@@ -250,10 +233,7 @@ def bag_sum(weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None
         psw = _flat(psw)
     nnz = indices.shape[0]
     out = torch.empty(n_bags, h, dtype=torch.float32)
-    if n_bags * h * 4 >= (4 << 20):
-        from .cpu import advise_huge_pages  # a large fresh output: fewer page faults
-
-        advise_huge_pages(out)
+    advise_huge_pages(out)  # a large fresh output: fewer page faults
     if threads is None:
         threads = torch.get_num_threads()
     threads = max(1, min(threads, nnz * h // PARALLEL_GRAIN))

@@ -22,7 +22,7 @@ Kernels:
 
 Indices are widened to int64 before the row offset is computed (``v * h`` may exceed 2**31).
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the tests do that). float64 is not supported
-here; the op dispatches float64 to the reference path.
+here; the op sends float64 to the CPU module's ATen path.
 """
 
 from __future__ import annotations
@@ -141,13 +141,14 @@ def _check(weight: Tensor, indices: Tensor, offsets: Tensor, psw: Tensor | None,
         raise ValueError(f"{op}: weight: dtype {weight.dtype} is not supported")
 
 
-def _block_h(h: int) -> int:
+def column_block(h: int) -> int:
     """Column block: the row width rounded up to a power of two, at least 16 (no degenerate
     1-wide tiles), at most `MAX_BLOCK_H`."""
     return min(max(triton.next_power_of_2(h), 16), MAX_BLOCK_H)
 
 
-def _num_warps(block_h: int) -> int:
+def warps_for(block_h: int) -> int:
+    """Warps of a program over ``block_h`` columns."""
     return 4 if block_h >= 128 else 2
 
 
@@ -156,7 +157,7 @@ def _launch_bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, psw: Tensor | N
     n_rows, h = out.shape
     if n_rows == 0 or h == 0:
         return out
-    block_h = _block_h(h)
+    block_h = column_block(h)
     _bag_sum_kernel[(n_rows, triton.cdiv(h, block_h))](
         table,
         idx,
@@ -167,7 +168,7 @@ def _launch_bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, psw: Tensor | N
         HAS_PSW=psw is not None,
         BLOCK_N=BLOCK_N,
         BLOCK_H=block_h,
-        num_warps=_num_warps(block_h),
+        num_warps=warps_for(block_h),
     )
     return out
 
@@ -202,7 +203,7 @@ def weight_grad(
         return torch.zeros(v, h, dtype=weight.dtype, device=weight.device)
     if not deterministic:
         dw32 = torch.zeros(v, h, dtype=torch.float32, device=weight.device)
-        block_h = _block_h(h)
+        block_h = column_block(h)
         n_bags = offsets.numel() - 1
         if n_bags:
             _bag_scatter_atomic_kernel[(n_bags, triton.cdiv(h, block_h))](
@@ -214,7 +215,7 @@ def weight_grad(
                 h,
                 HAS_PSW=psw is not None,
                 BLOCK_H=block_h,
-                num_warps=_num_warps(block_h),
+                num_warps=warps_for(block_h),
             )
         return dw32.to(weight.dtype)
     sorted_idx, perm = cpu.stable_sort(indices, v)
@@ -234,7 +235,7 @@ def psw_grad(grad: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor) -> 
     if nnz == 0 or h == 0:
         return out
     bags = reference.bag_ids(offsets, nnz)
-    block_h = _block_h(h)
+    block_h = column_block(h)
     _psw_grad_kernel[(triton.cdiv(nnz, BLOCK_N),)](
         grad.to(weight.dtype).contiguous(),
         weight.contiguous(),
@@ -245,7 +246,7 @@ def psw_grad(grad: Tensor, weight: Tensor, indices: Tensor, offsets: Tensor) -> 
         h,
         BLOCK_N=BLOCK_N,
         BLOCK_H=block_h,
-        num_warps=_num_warps(block_h),
+        num_warps=warps_for(block_h),
     )
     return out
 

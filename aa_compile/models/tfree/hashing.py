@@ -9,11 +9,7 @@ for a trigram). Trigram id = ``b0 + 256*b1 + 65536*b2`` (b0 the first byte), so 
 
 **Slots.** Each trigram id maps to ``m`` of the ``vocab_size`` (v) embedding rows ("slots").
 A base rule gives ``m`` distinct slots, stored sorted ascending; then *partial lowercase
-sharing* with ``k_lower`` (k): if a trigram is a case variant of a pattern over ``[a-z ]^3``
-(its ASCII-lowercased bytes are in that set and differ from it, e.g. ``"Hel"`` of ``"hel"``),
-its last k sorted slots are replaced by the pattern's last k sorted slots. After the
-replacement a variant may hold one slot twice (the reference does the same; the embedding then
-counts it twice). Non-ASCII letters are never shared.
+sharing* with ``k_lower`` replaces a case variant's last k slots by its lowercase pattern's.
 
 Base rule of hash mode ``"reference"`` (the public T-FREE code, so its checkpoints'
 vocabularies are reproduced): for k in 0..m-1, slot = ``int(md5(f"{i}_{k}_{j}").hexdigest(),
@@ -23,22 +19,10 @@ slots. The reference precomputes this for all 2**24 ids (about 1.7e8 md5 calls);
 computed per trigram on demand and kept in an LRU cache (`reference_base_slots`), which is
 deterministic across processes (no use of Python's salted ``hash``).
 
-Base rule of hash mode ``"fast"`` (the default), cheap enough to recompute inside a GPU kernel
-from the trigram id, with 64-bit unsigned integer operations only (all mod 2**64)::
-
-    key(i, k, j) = i + (k << 24) + (j << 40)        # i < 2**24, k < 2**16, j < 2**24
-    z = key + 0x9E3779B97F4A7C15                    # SplitMix64's output function
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    z = z ^ (z >> 31)
-    candidate(i, k, j) = (z >> 32) % v              # the high 32 bits, mod v
-
-Slot k of trigram i is ``candidate(i, k, j)`` for the smallest j >= 0 not among slots 0..k-1,
-then the m slots are sorted ascending and the lowercase sharing above is applied (a kernel
-computes the pattern's slots too when the id is a case variant). The key packing is injective
-for m <= 2**16, and needing j >= 2**24 would take a run of 2**24 collisions (for m = v = 2**16,
-probability about e**-256). `fast_slots` evaluates this vectorized in numpy for many ids (and
-accepts a torch tensor, returning ``[n, m]`` int64 on its device).
+Hash mode ``"fast"`` (the default: SplitMix64, cheap enough to recompute inside a GPU kernel)
+and the lowercase sharing rule are defined in `aa_compile.kernels.tfree_hashing`, which the
+`aa::hashed_trigram_bag` kernels share; this module re-exports them (`fast_slots`,
+`lowercase_partner`, ...).
 
 **Whole words.** Words containing ``<|`` (special tokens, whitespace words) and, with
 ``entire_words``, every word are hashed whole, in both modes, as the reference does:
@@ -50,20 +34,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sys
 
 import numpy as np
 
-#: Number of distinct byte trigrams; trigram ids lie in ``[0, TRIGRAM_COUNT)``.
-TRIGRAM_COUNT = 1 << 24
-HASH_MODES = ("fast", "reference")
-#: Largest m the fast mode's key packing admits.
-FAST_MAX_M = 1 << 16
+from aa_compile.kernels.tfree_hashing import (
+    FAST_MAX_M,
+    TRIGRAM_COUNT,
+    check_ids,
+    fast_base_slots,
+    fast_candidates,
+    fast_slots,
+    lowercase_partner,
+    share_lowercase,
+    splitmix64,
+)
 
-_U = np.uint64
-_GOLDEN = _U(0x9E3779B97F4A7C15)
-_MIX1 = _U(0xBF58476D1CE4E5B9)
-_MIX2 = _U(0x94D049BB133111EB)
+HASH_MODES = ("fast", "reference")
+
+__all__ = [
+    "FAST_MAX_M", "HASH_MODES", "TRIGRAM_COUNT", "fast_base_slots", "fast_candidates",
+    "fast_slots", "id_to_trigram", "lowercase_partner", "md5_int", "reference_base_slots",
+    "reference_slots", "splitmix64", "trigram_id", "trigram_ids", "trigram_slots",
+    "trigramify", "whole_word_slots",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,40 +97,6 @@ def trigram_ids(word: str) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# lowercase sharing
-
-
-def lowercase_partner(ids: np.ndarray) -> np.ndarray:
-    """Per id: the id of its ``[a-z ]^3`` lowercase pattern if it is a case variant of one,
-    else the id itself (so ``partner != ids`` marks the variants)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    lowered = np.zeros_like(ids)
-    allowed = np.ones(ids.shape, dtype=bool)
-    for shift in (0, 8, 16):
-        b = (ids >> shift) & 255
-        low = b + 32 * ((b >= 65) & (b <= 90))
-        allowed &= ((low >= 97) & (low <= 122)) | (low == 32)
-        lowered |= low << shift
-    return np.where(allowed, lowered, ids)
-
-
-def _share_lowercase(base_fn, ids: np.ndarray, m: int, k_lower: int) -> np.ndarray:
-    """``base_fn(unique ids) -> [u, m]`` sorted base slots, then the lowercase sharing."""
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    n = ids.shape[0]
-    if k_lower == 0:
-        uniq, inv = np.unique(ids, return_inverse=True)
-        return base_fn(uniq)[inv.reshape(-1)]
-    partner = lowercase_partner(ids)
-    variant = partner != ids
-    uniq, inv = np.unique(np.concatenate([ids, partner[variant]]), return_inverse=True)
-    base = base_fn(uniq)[inv.reshape(-1)]
-    out = base[:n]
-    out[variant, m - k_lower :] = base[n:, m - k_lower :]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # reference mode (md5)
 
 
@@ -160,13 +119,13 @@ def reference_base_slots(i: int, vocab_size: int, m: int) -> tuple[int, ...]:
 
 def reference_slots(ids, vocab_size: int, m: int, k_lower: int) -> np.ndarray:
     """``[n, m]`` int64 reference-mode slots (with lowercase sharing) of trigram ids ``ids``."""
-    ids = _check_ids(ids)
+    ids = check_ids(ids)
 
     def base(uniq: np.ndarray) -> np.ndarray:
         rows = [reference_base_slots(i, vocab_size, m) for i in uniq.tolist()]
         return np.array(rows, dtype=np.int64).reshape(len(rows), m)
 
-    return _share_lowercase(base, ids, m, k_lower)
+    return share_lowercase(base, ids, m, k_lower)
 
 
 def whole_word_slots(word: str, vocab_size: int, m: int, k_lower: int) -> tuple[int, ...]:
@@ -176,61 +135,6 @@ def whole_word_slots(word: str, vocab_size: int, m: int, k_lower: int) -> tuple[
     return tuple(own + [md5_int(f"{lower}_lower_{i}") % vocab_size for i in range(k_lower)])
 
 
-# ---------------------------------------------------------------------------------------------
-# fast mode (SplitMix64)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's output for state ``x`` (uint64 array), arithmetic mod 2**64."""
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-    z = (z ^ (z >> _U(30))) * _MIX1
-    z = (z ^ (z >> _U(27))) * _MIX2
-    return z ^ (z >> _U(31))
-
-
-def fast_candidates(ids: np.ndarray, k: int, j: np.ndarray, vocab_size: int) -> np.ndarray:
-    """``candidate(i, k, j)`` of the fast mode for arrays of ids and j (int64 result)."""
-    key = (np.asarray(ids, dtype=np.uint64) | _U(k << 24)
-           | (np.asarray(j, dtype=np.uint64) << _U(40)))
-    return ((splitmix64(key) >> _U(32)) % _U(vocab_size)).astype(np.int64)
-
-
-def fast_base_slots(ids: np.ndarray, vocab_size: int, m: int) -> np.ndarray:
-    """``[n, m]`` distinct sorted fast-mode slots of ``ids`` before sharing (vectorized over
-    ids; the collision retries loop only over the rows that collided)."""
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    out = np.empty((ids.shape[0], m), dtype=np.int64)
-    zeros = np.zeros(ids.shape[0], dtype=np.int64)
-    for k in range(m):
-        cand = fast_candidates(ids, k, zeros, vocab_size)
-        rows = np.nonzero((out[:, :k] == cand[:, None]).any(axis=1))[0]
-        j = 0
-        while rows.size:
-            j += 1
-            cand[rows] = fast_candidates(ids[rows], k, np.full(rows.size, j), vocab_size)
-            rows = rows[(out[rows, :k] == cand[rows, None]).any(axis=1)]
-        out[:, k] = cand
-    out.sort(axis=1)
-    return out
-
-
-def fast_slots(ids, vocab_size: int, m: int, k_lower: int):
-    """``[n, m]`` int64 fast-mode slots (with lowercase sharing) of trigram ids ``ids``.
-
-    ``ids``: a 1-D integer numpy array / sequence (returns numpy) or torch tensor (returns a
-    tensor on the same device, computed on the CPU).
-    """
-    torch = sys.modules.get("torch")  # not imported here: this module needs only numpy
-    if torch is not None and isinstance(ids, torch.Tensor):
-        device = ids.device
-        out = fast_slots(ids.detach().cpu().numpy(), vocab_size, m, k_lower)
-        return torch.from_numpy(out).to(device)
-    if m > FAST_MAX_M:
-        raise ValueError(f"m must be <= {FAST_MAX_M} in the fast hash mode, got {m}")
-    ids = _check_ids(ids)
-    return _share_lowercase(lambda u: fast_base_slots(u, vocab_size, m), ids, m, k_lower)
-
-
 def trigram_slots(ids, vocab_size: int, m: int, k_lower: int, hash_mode: str) -> np.ndarray:
     """``[n, m]`` slots of trigram ids under ``hash_mode`` (``"fast"`` or ``"reference"``)."""
     if hash_mode == "fast":
@@ -238,16 +142,3 @@ def trigram_slots(ids, vocab_size: int, m: int, k_lower: int, hash_mode: str) ->
     if hash_mode == "reference":
         return reference_slots(ids, vocab_size, m, k_lower)
     raise ValueError(f"hash_mode must be one of {HASH_MODES}, got {hash_mode!r}")
-
-
-def _check_ids(ids) -> np.ndarray:
-    arr = np.asarray(ids)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"ids must be a 1-D integer array, got shape {arr.shape} "
-                         f"dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    if arr.min() < 0 or arr.max() >= TRIGRAM_COUNT:
-        raise ValueError("ids must lie in [0, 2**24) (trigram ids)")
-    return arr

@@ -217,11 +217,9 @@ def test_fast_slots_on_a_tensor_and_bad_ids():
 
 
 _CHILD = """
-import importlib.util, json, sys
+import json
 import numpy as np
-spec = importlib.util.spec_from_file_location("tfree_hashing", {path!r})
-hashing = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(hashing)
+from aa_compile.models.tfree import hashing
 ids = np.array({ids})
 print(json.dumps({{
     "fast": hashing.fast_slots(ids, 32000, 10, 2).tolist(),
@@ -233,11 +231,10 @@ print(json.dumps({{
 
 def test_slots_are_the_same_in_another_process():
     """No dependence on Python's salted hash() or on process state: a child process with a
-    different hash seed computes the same slots. (The child loads hashing.py by path, which
-    needs only numpy, to skip the seconds of importing torch and the aa_compile package.)"""
+    different hash seed computes the same slots."""
     ids = [tid(t) for w in ("Hello", "Über", "x") for t in byte_trigrams(w)]
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    code = _CHILD.format(ids=ids, path=hashing.__file__)
+    code = _CHILD.format(ids=ids)
     proc = subprocess.run([sys.executable, "-c", code], env=env, check=False,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -7,35 +7,13 @@
                                   Tensor out, Tensor lse, Tensor? doc_offsets, int window,
                                   float? scale) -> (Tensor dq, Tensor dk, Tensor dv)
 
-``q [..., Hq, T, D]``, ``k``, ``v [..., Hkv, T, D]`` (same leading dims, dtype and device;
-``Hq`` a multiple of ``Hkv``: query head ``h`` uses key head ``h // (Hq // Hkv)``, grouped-query
-attention). ``doc_offsets [n_docs + 1]`` int64 (or int32): CSR document boundaries along T
-(``0 = d_0 <= d_1 <= ... <= d_n = T``; empty documents allowed), shared by every leading row;
-None = one document per row. ``window >= 1``; ``scale`` defaults to ``1 / sqrt(D)``::
-
-    query i attends key j  iff  same document and 0 <= i - j < window
-
-(``window`` counts the query itself: Hugging Face / Mistral ``sliding_window``, flash-attn
-``window_size=(window - 1, 0)``). Documents never see each other; ``window >= T`` is causal
-attention per document. ``out [..., Hq, T, D]`` is in q's dtype; ``lse [..., Hq, T]`` is the
-softmax's logsumexp in float32 (float64 for float64), the softmax's own precision. ``T = 0``
-gives empty outputs. Numerics: ``aa_compile.kernels.window_attention.reference``.
-
-Why ``lse`` is an output: the backward needs it (flash-attention style), and a custom op's
-autograd only sees its outputs; recomputing it would cost a forward pass per backward (+30% on
-the CPU path). Callers that want only the attention use `attention` (``out`` alone). Both
-outputs are differentiable (``d lse`` enters as ``dS += P * dlse``); q, k and v get gradients,
-``doc_offsets`` none. The backward is its own op and is not differentiable (no double backward).
-
-Kernels: CPU, ATen's flash-attention kernel over query blocks that read only the window's keys
-(O(T * (window + block)) time and memory); CUDA, Triton flash attention that skips key blocks
-outside the window and document; CUDA float64, a device-generic blocked path. See
-``aa_compile.kernels.window_attention``.
-
-Input validation (``ValueError`` naming the argument): dtypes, shapes, head divisibility,
-devices, window and scale always; ``doc_offsets`` values (0 ... T, non-decreasing) on CPU
-always, on other devices only when `CHECK_OFFSETS` is true (a device sync; environment
-``AA_WINDOW_ATTENTION_CHECK_OFFSETS=1``): malformed offsets there give wrong attention.
+Query i attends key j iff both are in the same document and ``0 <= i - j < window``. ``lse``
+(the softmax's logsumexp) is an output because the backward needs it and a custom op's autograd
+sees only outputs; `attention` returns ``out`` alone. Numerics:
+``kernels/window_attention/reference.py``. Kernels: CPU ``kernels/window_attention/cpu.py``
+(ATen's flash kernel over query blocks), CUDA ``kernels/window_attention/triton_kernel.py``;
+CUDA float64 and other devices run the op's body, the device-generic blocked path
+(``blocked.py``: O(T * window), where the reference is O(T^2)). Design notes: ``docs/hat.md``.
 """
 
 from __future__ import annotations
@@ -45,53 +23,56 @@ import os
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import window_attention as kernels
-from aa_compile.kernels.window_attention import reference
+from aa_compile.kernels.window_attention import blocked, cpu, reference
 
-from .registry import OpEntry, register
+from .registry import register_kernels, register_samples, triton_kernel
 
 #: Check ``doc_offsets`` values off the CPU too (a device sync per call); CPU always checks.
 CHECK_OFFSETS: bool = os.environ.get("AA_WINDOW_ATTENTION_CHECK_OFFSETS", "0").strip().lower() \
     not in ("", "0", "false", "no", "off")
 
+_TRITON = "aa_compile.kernels.window_attention.triton_kernel"
 
-def _check(q, k, v, doc_offsets, window, scale, *, values: bool, op: str) -> None:
+
+def check(q: Tensor, k: Tensor, v: Tensor, doc_offsets: Tensor | None, window: int,
+          scale: float | None = None, *, values: bool = True,
+          op: str = "aa::window_attention") -> None:
+    """``ValueError`` naming the argument; ``values=False`` (the fake impl) reads no data."""
     check_values = values and (q.device.type == "cpu" or CHECK_OFFSETS)
     reference.check_inputs(q, k, v, doc_offsets, window, scale, check_values=check_values,
                            op=op)
 
 
-def _lse_like(q: Tensor) -> Tensor:
-    return q.new_empty(q.shape[:-1], dtype=reference.compute_dtype(q.dtype))
+def check_backward(grad: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+                   out: Tensor, lse: Tensor, doc_offsets: Tensor | None, window: int,
+                   scale: float | None, *, values: bool = True) -> None:
+    op = "aa::window_attention_backward"
+    check(q, k, v, doc_offsets, window, scale, values=values, op=op)
+    for name, t in (("grad", grad), ("out", out)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{op}: {name} must match q ({tuple(q.shape)}, {q.dtype}, "
+                             f"{q.device}), got ({tuple(t.shape)}, {t.dtype}, {t.device})")
+    lse_dtype = reference.compute_dtype(q.dtype)
+    for name, t in (("lse", lse), ("grad_lse", grad_lse)):
+        if t is None:
+            continue
+        if t.shape != q.shape[:-1] or t.dtype != lse_dtype or t.device != q.device:
+            raise ValueError(f"{op}: {name} must be {tuple(q.shape[:-1])} {lse_dtype} on "
+                             f"{q.device}, got ({tuple(t.shape)}, {t.dtype}, {t.device})")
 
 
 @torch.library.custom_op("aa::window_attention", mutates_args=())
 def window_attention(q: Tensor, k: Tensor, v: Tensor, doc_offsets: Tensor | None, window: int,
                      scale: float | None = None) -> tuple[Tensor, Tensor]:
-    _check(q, k, v, doc_offsets, window, scale, values=True, op="aa::window_attention")
-    return kernels.forward(q, k, v, doc_offsets, window, scale)
+    check(q, k, v, doc_offsets, window, scale)
+    return blocked.forward(q, k, v, doc_offsets, window, scale)
 
 
 @window_attention.register_fake
 def _(q, k, v, doc_offsets, window, scale=None):
-    _check(q, k, v, doc_offsets, window, scale, values=False, op="aa::window_attention")
-    return q.new_empty(q.shape), _lse_like(q)
-
-
-def _check_grads(grad, grad_lse, q, out, lse) -> None:
-    op = "aa::window_attention_backward"
-    for name, t, like in (("grad", grad, q), ("out", out, q)):
-        if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
-            raise ValueError(f"{op}: {name} must match q ({tuple(q.shape)}, {q.dtype}, "
-                             f"{q.device}), got ({tuple(t.shape)}, {t.dtype}, {t.device})")
-    for name, t in (("lse", lse), ("grad_lse", grad_lse)):
-        if t is None:
-            continue
-        if t.shape != q.shape[:-1] or t.dtype != reference.compute_dtype(q.dtype) \
-                or t.device != q.device:
-            raise ValueError(f"{op}: {name} must be {tuple(q.shape[:-1])} "
-                             f"{reference.compute_dtype(q.dtype)} on {q.device}, got "
-                             f"({tuple(t.shape)}, {t.dtype}, {t.device})")
+    check(q, k, v, doc_offsets, window, scale, values=False)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1],
+                                             dtype=reference.compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("aa::window_attention_backward", mutates_args=())
@@ -99,18 +80,34 @@ def window_attention_backward(
     grad: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     lse: Tensor, doc_offsets: Tensor | None, window: int, scale: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    op = "aa::window_attention_backward"
-    _check(q, k, v, doc_offsets, window, scale, values=True, op=op)
-    _check_grads(grad, grad_lse, q, out, lse)
-    return kernels.backward(grad, grad_lse, q, k, v, out, lse, doc_offsets, window, scale)
+    check_backward(grad, grad_lse, q, k, v, out, lse, doc_offsets, window, scale)
+    return blocked.backward(grad, grad_lse, q, k, v, out, lse, doc_offsets, window, scale)
 
 
 @window_attention_backward.register_fake
 def _(grad, grad_lse, q, k, v, out, lse, doc_offsets, window, scale):
-    op = "aa::window_attention_backward"
-    _check(q, k, v, doc_offsets, window, scale, values=False, op=op)
-    _check_grads(grad, grad_lse, q, out, lse)
+    check_backward(grad, grad_lse, q, k, v, out, lse, doc_offsets, window, scale, values=False)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_triton_forward = triton_kernel(_TRITON, "forward", fallback=blocked.forward)
+_triton_backward = triton_kernel(_TRITON, "backward", fallback=blocked.backward)
+
+
+def _cuda_forward(q, k, v, doc_offsets, window, scale=None):
+    """Triton for 16/32-bit floats; float64 runs the blocked path."""
+    fn = blocked.forward if q.dtype == torch.float64 else _triton_forward
+    return fn(q, k, v, doc_offsets, window, scale)
+
+
+def _cuda_backward(grad, grad_lse, q, k, v, out, lse, doc_offsets, window, scale):
+    fn = blocked.backward if q.dtype == torch.float64 else _triton_backward
+    return fn(grad, grad_lse, q, k, v, out, lse, doc_offsets, window, scale)
+
+
+register_kernels(window_attention, check=check, cpu=cpu.forward, cuda=_cuda_forward)
+register_kernels(window_attention_backward, check=check_backward, cpu=cpu.backward,
+                 cuda=_cuda_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -164,16 +161,6 @@ def _samples(device: str):
     yield (randn(2, 0, 4), randn(2, 0, 4), randn(2, 0, 4), offs(0), 2), {}
 
 
-_KERNELS = {
-    "cpu": "aa_compile.kernels.window_attention.cpu",
-    "cuda": "aa_compile.kernels.window_attention.triton_kernel",
-    "reference": "aa_compile.kernels.window_attention.reference",
-}
-
-register(OpEntry(name="aa::window_attention", op=torch.ops.aa.window_attention,
-                 kernels=_KERNELS, samples=_samples))
-
-
 def _backward_samples(device: str):
     for i, (args, kwargs) in enumerate(_samples(device)):
         q, k, v = (a.detach() for a in args[:3])
@@ -183,6 +170,5 @@ def _backward_samples(device: str):
                kwargs.get("scale")), {}
 
 
-register(OpEntry(name="aa::window_attention_backward",
-                 op=torch.ops.aa.window_attention_backward, kernels=_KERNELS,
-                 samples=_backward_samples))
+register_samples(window_attention, _samples)
+register_samples(window_attention_backward, _backward_samples)

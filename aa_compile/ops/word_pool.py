@@ -6,33 +6,11 @@
     aa::word_pool_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor word_offsets,
                            float? scale) -> (Tensor dq, Tensor dk, Tensor dv)
 
-``q [W, H, D]`` (one query per word) or ``[1, H, D]`` (one query shared by all words: HAT's
-latent query), ``k``/``v [T, Hkv, D]`` (q's dtype and device; ``H`` a multiple of ``Hkv``: head
-``h`` reads key head ``h // (H // Hkv)``), ``word_offsets [W + 1]`` int64 (or int32) CSR word
-boundaries over T: ``0 = o_0 <= o_1 <= ... <= o_W = T``. Output ``[W, H, D]`` in q's dtype::
-
-    out[w, h] = softmax_t(scale * q[w, h] . k[t, h // G]) @ v[t, h // G],  t in [o_w, o_{w+1})
-
-Non-causal; ``scale`` defaults to ``1 / sqrt(D)``; softmax in float32 (float64 for float64),
-one rounding. An **empty word** (``o_w == o_{w+1}``) gives a zero row and no gradient (SDPA with
-an all-False key mask would give NaN; `ByteBatch` never has empty words). ``W = 0`` or ``T = 0``
-are fine. Equals the reference `WordPooling`'s ``F.scaled_dot_product_attention`` on the padded
-``[W, H, L, hd]`` tensors with key mask ``word_mask[:, None, None, :]``; the projections, the
-per-head q/k RMSNorms and ``o_proj`` stay outside the op, and k/v are the projections of the
-byte stream ``h [T, d_enc]`` itself (``k_proj(h)[word_bytes] == k_proj(h[word_bytes])``), so
-nothing is padded. Numerics: ``aa_compile.kernels.word_pool.reference``.
-
-Gradients for q, k, v (a shared query gets the sum over words); the backward is its own op,
-recomputes the softmax from q and k (no saved statistics) and is not differentiable itself.
-
-Kernels: CPU (and CUDA float64), vectorized segment ops over the T bytes (``segment_reduce``
-on the offsets); CUDA, Triton with one program per (word, head) and an online softmax over the
-word's bytes. See ``aa_compile.kernels.word_pool``.
-
-Input validation (``ValueError`` naming the argument): dtypes, shapes, head divisibility,
-devices and scale always; ``word_offsets`` values (0 ... T, non-decreasing) on CPU always, on
-other devices only when `CHECK_OFFSETS` is true (a device sync; environment
-``AA_WORD_POOL_CHECK_OFFSETS=1``): malformed offsets there read out of bounds.
+``q [W or 1, H, D]`` (one query per word, or HAT's shared latent query), ``k``/``v [T, Hkv, D]``
+over the byte stream itself and CSR ``word_offsets [W + 1]``: nothing is padded, and an empty
+word pools to zeros. Numerics: ``kernels/word_pool/reference.py``. Kernels: CPU
+``kernels/word_pool/cpu.py`` (segment ops, device generic: also the op's body, for CUDA float64
+and other devices), CUDA ``kernels/word_pool/triton_kernel.py``. Design notes: ``docs/hat.md``.
 """
 
 from __future__ import annotations
@@ -42,61 +20,78 @@ import os
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import word_pool as kernels
-from aa_compile.kernels.word_pool import reference
+from aa_compile.kernels.word_pool import cpu, reference
 
-from .registry import OpEntry, register
+from .registry import register_kernels, register_samples, triton_kernel
 
 #: Check ``word_offsets`` values off the CPU too (a device sync per call); CPU always checks.
 CHECK_OFFSETS: bool = os.environ.get("AA_WORD_POOL_CHECK_OFFSETS", "0").strip().lower() \
     not in ("", "0", "false", "no", "off")
 
+_TRITON = "aa_compile.kernels.word_pool.triton_kernel"
 
-def _check(q, k, v, word_offsets, scale, *, values: bool, op: str) -> None:
+
+def check(q: Tensor, k: Tensor, v: Tensor, word_offsets: Tensor, scale: float | None = None,
+          *, values: bool = True, op: str = "aa::word_pool") -> None:
+    """``ValueError`` naming the argument; ``values=False`` (the fake impl) reads no data."""
     check_values = values and (q.device.type == "cpu" or CHECK_OFFSETS)
     reference.check_inputs(q, k, v, word_offsets, scale, check_values=check_values, op=op)
 
 
-def _out_like(q: Tensor, word_offsets: Tensor) -> Tensor:
-    return q.new_empty(word_offsets.shape[0] - 1, q.shape[1], q.shape[2])
-
-
-@torch.library.custom_op("aa::word_pool", mutates_args=())
-def word_pool(q: Tensor, k: Tensor, v: Tensor, word_offsets: Tensor,
-              scale: float | None = None) -> Tensor:
-    _check(q, k, v, word_offsets, scale, values=True, op="aa::word_pool")
-    return kernels.forward(q, k, v, word_offsets, scale)
-
-
-@word_pool.register_fake
-def _(q, k, v, word_offsets, scale=None):
-    _check(q, k, v, word_offsets, scale, values=False, op="aa::word_pool")
-    return _out_like(q, word_offsets)
-
-
-def _check_grad(grad: Tensor, q: Tensor, word_offsets: Tensor) -> None:
+def check_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, word_offsets: Tensor,
+                   scale: float | None, *, values: bool = True) -> None:
     op = "aa::word_pool_backward"
+    check(q, k, v, word_offsets, scale, values=values, op=op)
     shape = (word_offsets.shape[0] - 1, q.shape[1], q.shape[2])
     if tuple(grad.shape) != shape or grad.dtype != q.dtype or grad.device != q.device:
         raise ValueError(f"{op}: grad must be {shape} [W, H, D] {q.dtype} on {q.device}, got "
                          f"({tuple(grad.shape)}, {grad.dtype}, {grad.device})")
 
 
+@torch.library.custom_op("aa::word_pool", mutates_args=())
+def word_pool(q: Tensor, k: Tensor, v: Tensor, word_offsets: Tensor,
+              scale: float | None = None) -> Tensor:
+    check(q, k, v, word_offsets, scale)
+    return cpu.word_pool_fwd(q, k, v, word_offsets, scale)
+
+
+@word_pool.register_fake
+def _(q, k, v, word_offsets, scale=None):
+    check(q, k, v, word_offsets, scale, values=False)
+    return q.new_empty(word_offsets.shape[0] - 1, q.shape[1], q.shape[2])
+
+
 @torch.library.custom_op("aa::word_pool_backward", mutates_args=())
 def word_pool_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, word_offsets: Tensor,
                        scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    op = "aa::word_pool_backward"
-    _check(q, k, v, word_offsets, scale, values=True, op=op)
-    _check_grad(grad, q, word_offsets)
-    return kernels.backward(grad, q, k, v, word_offsets, scale)
+    check_backward(grad, q, k, v, word_offsets, scale)
+    return cpu.word_pool_bwd(grad, q, k, v, word_offsets, scale)
 
 
 @word_pool_backward.register_fake
 def _(grad, q, k, v, word_offsets, scale):
-    op = "aa::word_pool_backward"
-    _check(q, k, v, word_offsets, scale, values=False, op=op)
-    _check_grad(grad, q, word_offsets)
+    check_backward(grad, q, k, v, word_offsets, scale, values=False)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_triton_forward = triton_kernel(_TRITON, "word_pool_fwd", fallback=cpu.word_pool_fwd)
+_triton_backward = triton_kernel(_TRITON, "word_pool_bwd", fallback=cpu.word_pool_bwd)
+
+
+def _cuda_forward(q, k, v, word_offsets, scale=None):
+    """Triton for 16/32-bit floats; float64 runs the segment path."""
+    fn = cpu.word_pool_fwd if q.dtype == torch.float64 else _triton_forward
+    return fn(q, k, v, word_offsets, scale)
+
+
+def _cuda_backward(grad, q, k, v, word_offsets, scale):
+    fn = cpu.word_pool_bwd if q.dtype == torch.float64 else _triton_backward
+    return fn(grad, q, k, v, word_offsets, scale)
+
+
+register_kernels(word_pool, check=check, cpu=cpu.word_pool_fwd, cuda=_cuda_forward)
+register_kernels(word_pool_backward, check=check_backward, cpu=cpu.word_pool_bwd,
+                 cuda=_cuda_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -152,16 +147,6 @@ def _samples(device: str):
            off), {}
 
 
-_KERNELS = {
-    "cpu": "aa_compile.kernels.word_pool.cpu",
-    "cuda": "aa_compile.kernels.word_pool.triton_kernel",
-    "reference": "aa_compile.kernels.word_pool.reference",
-}
-
-register(OpEntry(name="aa::word_pool", op=torch.ops.aa.word_pool, kernels=_KERNELS,
-                 samples=_samples))
-
-
 def _backward_samples(device: str):
     for (q, k, v, off), kwargs in _samples(device):
         q, k, v = q.detach(), k.detach(), v.detach()
@@ -169,5 +154,5 @@ def _backward_samples(device: str):
         yield (grad, q, k, v, off, kwargs.get("scale")), {}
 
 
-register(OpEntry(name="aa::word_pool_backward", op=torch.ops.aa.word_pool_backward,
-                 kernels=_KERNELS, samples=_backward_samples))
+register_samples(word_pool, _samples)
+register_samples(word_pool_backward, _backward_samples)

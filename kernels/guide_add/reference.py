@@ -27,7 +27,8 @@ from aa_compile.kernels.rms_norm import reference as rms_reference
 from aa_compile.kernels.word_pool.reference import check_offsets
 from torch import Tensor
 
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the dtypes ``x``, ``g``, ``weight`` and the gradients may have
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 compute_dtype = rms_reference.compute_dtype
 
@@ -37,7 +38,7 @@ def check_inputs(x: Tensor, g: Tensor, word_offsets: Tensor, *, check_values: bo
     """Raise ``ValueError`` naming the argument when ``x``, ``g`` or ``word_offsets`` are not
     valid; ``check_values`` also reads the offsets (a device sync off the CPU)."""
     for name, t in (("x", x), ("g", g)):
-        if not isinstance(t, Tensor) or t.dtype not in _FLOAT:
+        if not isinstance(t, Tensor) or t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: {name} must be a float16/bfloat16/float32/float64 tensor, "
                              f"got {getattr(t, 'dtype', type(t).__name__)}")
         if t.dim() != 2:
@@ -61,7 +62,7 @@ def check_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype, *, op: s
         raise ValueError(f"{op}: x must have a non-empty feature dimension to normalize, got "
                          f"{tuple(x.shape)}")
     if weight is not None:
-        if not isinstance(weight, Tensor) or weight.dtype not in _FLOAT:
+        if not isinstance(weight, Tensor) or weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: weight must be a float tensor or None, got "
                              f"{getattr(weight, 'dtype', type(weight).__name__)}")
         if tuple(weight.shape) != (x.shape[1],):
@@ -71,7 +72,7 @@ def check_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype, *, op: s
             raise ValueError(f"{op}: weight is on {weight.device}, but x is on {x.device}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
-    if out_dtype is not None and out_dtype not in _FLOAT:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: out_dtype must be a float dtype or None, got {out_dtype}")
 
 

@@ -1,25 +1,10 @@
 """Triton guide-vector add, plain and fused with RMSNorm, forward and backward (numerics:
-:mod:`aa_compile.kernels.guide_add.reference`). The CUDA path of `aa::guide_add` and
-`aa::guide_add_rms_norm`.
-
-Kernels (every word is a contiguous run of rows, so a program owns whole words and nothing is
-padded or scattered):
-
-- ``_guide_add_kernel``, one program per (word, ``BLOCK_D`` columns): loads the word's guide
-  block once and writes ``x + g`` for the word's rows, ``BLOCK_L`` at a time;
-- ``_segment_sum_kernel``, same grid: ``dg[w] = sum`` of the word's gradient rows in float32;
-- ``_guide_add_rms_norm_fwd_kernel``, one program per word with whole rows (``d`` up to
-  `MAX_FUSED_D`): ``y = x + g`` rounded to x's dtype, then RMSNorm of the rounded ``y`` in
-  float32, ``* weight``, one rounding;
-- ``_guide_add_rms_norm_bwd_kernel``, one program per contiguous range of words (a fixed count
-  per device, as ``aa::rms_norm``'s backward): ``dy_total = grad_y + rms_norm_backward`` in
-  float32, ``dx`` and the word's ``dg`` row stored, ``dweight`` summed into the program's own
-  float32 row of a ``[programs, d]`` buffer, reduced afterwards with ``torch.sum``: bitwise
-  reproducible, no atomics.
-
-Rows wider than `MAX_FUSED_D` use the plain guide add followed by ``aa::rms_norm``'s Triton
-kernels. float64 is not supported here (the op dispatches it to ``cpu.py``). Runs under
-``TRITON_INTERPRET=1`` on CPU tensors.
+:mod:`.reference`): the CUDA path of `aa::guide_add` and `aa::guide_add_rms_norm`. A program
+owns whole words (contiguous runs of rows: nothing padded or scattered, no atomics; the fused
+backward's ``dweight`` is summed per program and reduced with ``torch.sum``, bitwise
+reproducible). Rows wider than `MAX_FUSED_D` use the plain add and ``aa::rms_norm``'s Triton
+kernels. float64 is refused (the op routes it to ``cpu.py``). Runs under ``TRITON_INTERPRET=1``
+on CPU tensors. Design: ``docs/hat.md``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Query blocking shared by the non-Triton paths, and a device-generic blocked attention.
 
-The queries are cut into blocks of consecutive positions. Block ``[s, e)`` needs only the keys
-``[key_lo[s], e)`` (:mod:`.layout`: the window, clipped to the document of its first query),
-plus a small ``[e - s, e - key_lo[s]]`` mask for the window, document and causal edges, so cost
-and memory are O(T * (window + block)). Grouped-query attention folds the ``Hq // Hkv`` query
-heads of a key head into the block's rows (``[rows, Hkv, group * block, D]``): keys and values
-are never repeated.
-
-`forward` / `backward` here use plain matmuls and a float32 (float64) softmax, so they run on
-any device: the op uses them for float64 on CUDA and for CUDA without Triton. The CPU path
-(:mod:`.cpu`) runs the same blocks through ATen's CPU flash-attention kernel instead (~4x
-faster than these matmuls on CPU).
+Block ``[s, e)`` of consecutive queries reads only the keys ``[key_lo[s], e)`` (:mod:`.layout`)
+with a small mask for the window, document and causal edges: O(T * (window + block)) time and
+memory. `forward` / `backward` here use plain matmuls and a float32 (float64) softmax, so they
+run on any device: the op's path for CUDA float64, CUDA without Triton and other devices; the
+CPU path (:mod:`.cpu`) runs the same blocks through ATen's faster flash kernel. Design:
+``docs/hat.md``.
 """
 
 from __future__ import annotations
@@ -71,7 +66,7 @@ def block_rows(x: Tensor, s: int, e: int) -> Tensor:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, doc_offsets: Tensor | None, window: int,
-            scale: float | None, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+            scale: float | None = None, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     """``(out [..., Hq, T, D] q.dtype, lse [..., Hq, T] float32/float64)``."""
     rows, hkv, group, t, d = split(q, k)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)

@@ -2,23 +2,9 @@
 :mod:`.blocked` run through ATen's CPU flash-attention kernel, forward and backward. Cost and
 memory O(T * (window + block)); no ``[T, T]`` tensor.
 
-Each block is one call of ``aten::_scaled_dot_product_flash_attention_for_cpu`` on the key
-slice ``[key_lo[s], e)`` with a small additive mask, which returns the block's output and
-logsumexp. The backward calls ``..._for_cpu_backward`` per block with the saved output and
-logsumexp (no forward recompute) and accumulates ``dk``, ``dv`` of overlapping key slices in
-float32 (float64 for float64). A gradient of the logsumexp output is folded in by one extra
-head-dim column (`_fold_grad_lse`). ATen computes in float32 for float16/bfloat16 and in
-float64 for float64.
-
-Measured (2-core EPYC VM under a load of ~8 from other jobs, one thread, T=4096 in 8
-documents, H=4, D=64, window 768, float32): forward 220-250 ms with 256-query blocks (260 /
-300 / 320 ms with 128 / 64 / 512), backward 490-550 ms (128 and 256 alike); dense masked SDPA
-1610 ms forward, 4370 ms forward + backward; the same blocks as plain matmuls
-(:mod:`.blocked`) ~4x slower than ATen's kernel; ``flex_attention`` compiled by inductor with a
-block mask 350 ms forward (47 s compile) and no CPU backward in this torch ("FlexAttention does
-not support backward on CPU"). With two threads on that loaded VM every variant ran ~4x slower
-and many small ops worse still (each pays a thread-pool fork/join), hence the masks are built
-for many blocks at once and the outputs concatenated once.
+The backward reuses the saved output and logsumexp (no forward recompute) and folds a gradient
+of the logsumexp in as one extra head-dim column (`_fold_grad_lse`). Design: ``docs/hat.md``;
+block sizes measured: ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +17,7 @@ from torch import Tensor
 from .blocked import block_rows, blocks, split
 from .reference import compute_dtype
 
-#: Queries per block, forward and backward (see the measurements above).
+#: Queries per block, forward and backward (measured: docs/performance.md).
 BLOCK_FWD = 256
 BLOCK_BWD = 128
 
@@ -51,7 +37,7 @@ def _mask(additive: Tensor, group: int) -> Tensor:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, doc_offsets: Tensor | None, window: int,
-            scale: float | None, block: int = BLOCK_FWD) -> tuple[Tensor, Tensor]:
+            scale: float | None = None, block: int = BLOCK_FWD) -> tuple[Tensor, Tensor]:
     """``(out [..., Hq, T, D] q.dtype, lse [..., Hq, T] float32/float64)``."""
     rows, hkv, group, t, d = split(q, k)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)

@@ -1,15 +1,8 @@
 """Triton (CUDA) path of `aa::window_attention` (numerics: :mod:`.reference`): flash-attention
-forward and backward that visit only the key blocks inside the window and the document.
-
-Forward: one program per (query block, row, query head); online softmax in float32 over the
-key blocks ``[key_lo[first query], last query]`` (:mod:`.layout`), an element mask for the
-block edges; stores the output and the logsumexp (natural log, float32). Backward
-(FlashAttention-2 style, no atomics, deterministic): ``delta = rowsum(dO * O) - dlse``; one
-program per (key block, row, key head) accumulates ``dk``, ``dv`` over the query blocks
-``[first key, query_hi[last key])`` of every query head of its group (grouped-query attention
-without repeating k/v or atomics); one program per query block recomputes the scores for
-``dq``. float32 inputs multiply in IEEE float32 (no TF32). float64 is not supported here (the
-op routes it to :mod:`.cpu`'s device-generic path).
+forward and backward (FlashAttention-2 style: no atomics, deterministic) that visit only the key
+blocks inside the window and the document (:mod:`.layout`). float32 inputs multiply in IEEE
+float32 (no TF32); float64 is refused (the op routes it to :mod:`.blocked`). Design:
+``docs/hat.md``.
 """
 
 from __future__ import annotations
@@ -191,7 +184,7 @@ def _dims(q: Tensor, k: Tensor):
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, doc_offsets: Tensor | None, window: int,
-            scale: float | None) -> tuple[Tensor, Tensor]:
+            scale: float | None = None) -> tuple[Tensor, Tensor]:
     """``(out [..., Hq, T, D] q.dtype, lse [..., Hq, T] float32)``."""
     rows, hq, hkv, t, d = _dims(q, k)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)

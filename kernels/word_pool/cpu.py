@@ -1,26 +1,9 @@
-"""Segment (varlen) path of `aa::word_pool`: vectorized torch over the bytes actually present.
-
-No ``[W, L]`` padding: every tensor is ``[T, ...]`` (bytes) or ``[W, ...]`` (words). With
-``b(t)`` the word of byte ``t`` (``repeat_interleave`` of the word lengths):
-
-- scores ``s [T, H]``: ``vecdot`` of every key row with its word's query (a shared query,
-  ``q [1, H, D]``, HAT's latent query, broadcasts; per-word queries are gathered, ``q[b(t)]``);
-- per-word max and sum with ``torch.segment_reduce`` on the CSR offsets (an empty word reduces
-  to nothing and gets a zero row);
-- ``out = segment_sum(p[t] * v[t])``.
-
-Memory: O(T * H * D) temporaries (the size of k and v themselves), none of O(W * L * H * D).
-Scores, softmax and sums in float32 (float64 for float64); outputs rounded once.
-
-The backward recomputes the softmax from q and k (two segment reductions over ``[T, H]``),
-and ``delta[w, h] = sum_t p * dp`` in the compute dtype (not from the rounded output)::
-
-    dp[t, h] = grad[b(t), h] . v[t]        ds = p * (dp - delta[b(t)])
-    dv[t]    = sum_g p * grad[b(t)]        dk[t] = scale * sum_g ds * q[b(t)]
-    dq[w]    = scale * segment_sum(ds * k)  (summed over all words for a shared query)
-
-Every op here is device generic: this is also the path for CUDA float64 and for devices
-without a kernel of their own.
+"""Segment (varlen) path of `aa::word_pool` (numerics: :mod:`.reference`): vectorized torch over
+the bytes actually present, no ``[W, L]`` padding: scores per byte with its word's query,
+per-word max and sum with ``torch.segment_reduce`` on the CSR offsets, in float32 (float64 for
+float64), outputs rounded once. The backward recomputes the softmax from q and k. Every op here
+is device generic: also the op's path for CUDA float64 and other devices. Design and the
+backward's formulas: ``docs/hat.md``.
 """
 
 from __future__ import annotations

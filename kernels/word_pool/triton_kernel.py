@@ -1,21 +1,9 @@
-"""Triton word pooling, forward and backward (numerics:
-:mod:`aa_compile.kernels.word_pool.reference`). The CUDA path of `aa::word_pool`.
-
-Kernels, one program per (word, query head), each looping over only its word's bytes in tiles of
-``BLOCK_L`` rows (no padding to the longest word; an empty word runs no iteration):
-
-- ``_word_pool_fwd_kernel``: online softmax (running max, sum and weighted ``v`` sum in
-  float32), one division and one rounding at the end; an empty word stores zeros.
-- ``_word_pool_bwd_kernel``: pass 1 recomputes the running max and sum and, rescaled the same
-  way, ``delta = sum_t p * dp`` (``dp = grad . v``); pass 2 forms ``ds = p * (dp - delta)`` and
-  writes the word's rows of ``dk``/``dv`` (every byte belongs to exactly one word: no atomics)
-  and accumulates ``dq``. With grouped-query attention (``G = H / Hkv > 1``) the rows are written
-  per query head into a float32 ``[T, H, D]`` buffer and summed over the group afterwards; a
-  shared query's ``dq`` is written per word into float32 ``[W, H, D]`` and summed over words.
-  Both sums are plain ``torch.sum``: results are bitwise reproducible.
-
-Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the tests do that). float64 is not supported
-here; the op dispatches float64 to the segment path (``cpu.py``, device generic).
+"""Triton word pooling, forward and backward (numerics: :mod:`.reference`): the CUDA path of
+`aa::word_pool`. One program per (word, query head) loops over only its word's bytes with an
+online softmax in float32; the backward writes each byte's ``dk``/``dv`` rows once (no atomics)
+and sums grouped heads and a shared query's ``dq`` with ``torch.sum``: bitwise reproducible.
+float64 is refused (the op routes it to ``cpu.py``). Runs under ``TRITON_INTERPRET=1`` on CPU
+tensors. Design: ``docs/hat.md``.
 """
 
 from __future__ import annotations

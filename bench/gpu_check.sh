@@ -9,7 +9,7 @@
 # environment with a CUDA torch), then, each step under `timeout`:
 #   env      nvidia-smi, torch / triton versions, GPU name          -> env.txt
 #   cuda     pytest tests/test_cuda.py tests/test_ops.py (opcheck)  -> junit-cuda.xml, cuda.log
-#   kernels  pytest tests/kernels, compiled Triton (no interpreter) -> junit-kernels.xml, ...
+#   kernels  pytest tests/ops, compiled Triton (no interpreter) -> junit-kernels.xml, ...
 #   bench    python -m bench --device cuda -k "$BENCH_K" (full shapes; default: the kernel
 #            workloads) --repeats $BENCH_REPEATS (2)      -> report files, bench.log
 # A failing step does not stop the others; OUT_DIR/summary.txt always lists each step's exit
@@ -136,7 +136,7 @@ step env "$T_ENV" bash -c env_info
 # -- 3. CUDA tests, Triton kernels compiled for the GPU (never the interpreter) ------------------
 step cuda "$T_CUDA" env -u TRITON_INTERPRET "$PY" -m pytest tests/test_cuda.py tests/test_ops.py -p no:cacheprovider \
     -q -rs --junitxml="$OUT/junit-cuda.xml"
-step kernels "$T_KERNELS" env -u TRITON_INTERPRET "$PY" -m pytest tests/kernels \
+step kernels "$T_KERNELS" env -u TRITON_INTERPRET "$PY" -m pytest tests/ops \
     -p no:cacheprovider -q -rs --junitxml="$OUT/junit-kernels.xml"
 
 # -- 4. benchmark harness, full shapes ----------------------------------------------------------

@@ -13,7 +13,9 @@ against keys ``0..Sk-1``: the shape of a pass that reuses a cached prefix). Opti
 ``prefix_k [1 or B, Hkv, P, D]``, ``prefix_v [1 or B, Hkv, P, Dv]``: keys/values standing in front
 of every row's ``k``/``v`` (a prefix shared by the batch rows, never copied per row on CPU);
 positions (``q_offset``, ``suppress_idx``) then count from the first prefix key. Numerics and
-the two modes: :mod:`aa_compile.kernels.atman_attention.reference`.
+the two modes: ``kernels/atman_attention/reference.py``. Kernels: CPU
+``kernels/atman_attention/cpu.py``, CUDA ``kernels/atman_attention/triton_kernel.py`` (the
+prefix concatenated in front of each row; float64 runs the reference, as do other devices).
 
 Inference only: the op has no autograd formula (explanations run under ``torch.no_grad``);
 calling it on tensors that require grad raises in autograd, as for any custom op without one.
@@ -24,11 +26,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import atman_attention as kernels
+from aa_compile.kernels.atman_attention import cpu, reference
 
-from .registry import OpEntry, register
+from .registry import register_kernels, register_samples, triton_kernel
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON = "aa_compile.kernels.atman_attention.triton_kernel"
 MODES = ("log_additive", "multiplicative")
 
 
@@ -101,18 +104,25 @@ def _check_values(suppress_idx: Tensor, suppress_factor: Tensor, mode: str, sk: 
         raise ValueError(f"{name}: suppress_factor must lie in {rng} for mode {mode!r}")
 
 
+def check(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset=0, scale=None,
+          prefix_k=None, prefix_v=None) -> None:
+    """Every argument check, the values of the suppression spec included (it reads them)."""
+    _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset)
+    _check_prefix(q, k, v, prefix_k, prefix_v)
+    n_pre = 0 if prefix_k is None else prefix_k.shape[2]
+    _check_values(suppress_idx, suppress_factor, mode, n_pre + k.shape[2])
+
+
 @torch.library.custom_op("aa::atman_attention", mutates_args=())
 def atman_attention(
     q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor, suppress_factor: Tensor,
     mode: str, is_causal: bool, q_offset: int = 0, scale: float | None = None,
     prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
 ) -> Tensor:
-    _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset)
-    _check_prefix(q, k, v, prefix_k, prefix_v)
-    n_pre = 0 if prefix_k is None else prefix_k.shape[2]
-    _check_values(suppress_idx, suppress_factor, mode, n_pre + k.shape[2])
-    return kernels.forward(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset,
-                           scale, prefix_k, prefix_v)
+    check(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset, scale, prefix_k,
+          prefix_v)
+    return reference.atman_attention(q, k, v, suppress_idx, suppress_factor, mode, is_causal,
+                                     q_offset, scale, prefix_k, prefix_v)
 
 
 @atman_attention.register_fake
@@ -121,6 +131,23 @@ def _(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset=0, scale
     _check(q, k, v, suppress_idx, suppress_factor, mode, q_offset)
     _check_prefix(q, k, v, prefix_k, prefix_v)
     return q.new_empty(*q.shape[:3], v.shape[3])
+
+
+_triton = triton_kernel(_TRITON, "atman_attention", fallback=reference.atman_attention)
+
+
+def _cuda(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset=0, scale=None,
+          prefix_k=None, prefix_v=None):
+    """Triton on one key sequence per row (the prefix concatenated in front); float64 runs the
+    reference."""
+    if q.dtype == torch.float64:
+        return reference.atman_attention(q, k, v, suppress_idx, suppress_factor, mode,
+                                         is_causal, q_offset, scale, prefix_k, prefix_v)
+    k, v = reference.with_prefix(k, v, prefix_k, prefix_v)
+    return _triton(q, k, v, suppress_idx, suppress_factor, mode, is_causal, q_offset, scale)
+
+
+register_kernels(atman_attention, check=check, cpu=cpu.atman_attention, cuda=_cuda)
 
 
 def _samples(device: str):
@@ -142,15 +169,4 @@ def _samples(device: str):
            randn(3, 2, 4, 8, dtype=torch.bfloat16), idx, fac, "log_additive", False), {}
 
 
-register(
-    OpEntry(
-        name="aa::atman_attention",
-        op=torch.ops.aa.atman_attention,
-        kernels={
-            "cpu": "aa_compile.kernels.atman_attention.cpu",
-            "cuda": "aa_compile.kernels.atman_attention.triton_kernel",
-            "reference": "aa_compile.kernels.atman_attention.reference",
-        },
-        samples=_samples,
-    )
-)
+register_samples(atman_attention, _samples)

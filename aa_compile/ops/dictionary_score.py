@@ -7,37 +7,24 @@
 
 ``probs [B, v]`` slot probabilities (float16/bfloat16/float32/float64); the dictionary in CSR
 form: ``word_offsets [n_words + 1]`` (int32/int64; starts at 0, non-decreasing, ends at nnz),
-``slots [nnz]`` (int32/int64 in ``[0, v)``), ``slot_weights [nnz]`` (float; 1 for inner slots,
-``edge_weight`` for edge slots), ``n_trigrams [n_words]`` (int, >= 0); ``m`` slots per trigram.
-The score of word w is ``S_w / (m n_w) + (S_w - sum p) / max(v - m n_w, 1)`` with ``S_w`` the
-weighted sum of ``probs`` over its entries, ``-inf`` when ``n_w == 0`` (numerics:
-``aa_compile.kernels.dictionary_score.reference``), computed in float32 (float64 for float64
-``probs``); ``values`` have that dtype.
+``slots [nnz]`` (in ``[0, v)``), ``slot_weights [nnz]`` (float), ``n_trigrams [n_words]``
+(>= 0); ``m`` slots per trigram. Scores (numerics: ``kernels/dictionary_score/reference.py``)
+are float32 (float64 for float64 ``probs``). ``k >= 1``: the k best words per row, descending,
+**ties: the lower word index first** on every device; ``k == 0``: the whole score matrix and an
+empty ``[B, 0]`` (for callers that post-process all scores). Inference only: the outputs never
+require grad (so training-mode graphs, where aot_autograd traces a backward, still compile).
+Kernels: CPU ``kernels/dictionary_score/cpu.py`` (also other devices, and float64 on CUDA),
+CUDA ``kernels/dictionary_score/triton_kernel.py``.
 
-``k >= 1``: ``values, indices [B, k]``, the k best words per row in descending score order;
-**ties: the lower word index first** on every device (NaN ranks above every number). ``k == 0``:
-``values`` is the whole score matrix ``[B, n_words]`` and ``indices`` an empty ``[B, 0]``, for
-callers that post-process all scores (softmax, exclusion masks).
-
-**Inference only.** Decoding picks discrete words, so the outputs are marked
-non-differentiable: they never require grad, even for a ``probs`` that does, which keeps
-training-mode graphs (aot_autograd traces a backward) compiling; no gradient flows to
-``probs`` through the op.
-
-**Input validation** (``ValueError`` naming the argument): dtypes, shapes, devices, ``m`` and
-``k`` always; the values (offsets, slot range, trigram counts) on CPU always and elsewhere only
-when `CHECK_INDICES` is true (reading them is a device sync), as for ``aa::trigram_bag``. On
-CPU the slot range is not read in a pass of its own: ATen's embedding bag bounds-checks every
-slot it reads, and its error reruns the full check, which names the slot (the other checks
-read O(n_words) values). Nothing is remembered between calls: a write through ``.data``
-bypasses the version counter, so a remembered "valid" could let a bad slot through.
+Input checks raise ``ValueError`` naming the argument: the values (offsets, slots, trigram
+counts) on CPU always, elsewhere with `CHECK_INDICES` (a device sync); nothing is remembered
+between calls (``.data`` writes bypass the version counter). See `check` and `_cpu`.
 
 ``aa::csr_offsets(row_ids, n_rows)``: ``offsets [n_rows + 1]`` int64 with ``row_ids[offsets[r]:
-offsets[r + 1]] == r``; ``row_ids`` must be non-decreasing and in ``[0, n_rows)`` (checked:
-ValueError, on every device, every call). A dictionary's word ids are constant across
-decoding steps and the binary searches cost about as much as scoring, so the last results are
-kept and reused when they fit the current contents (`_offsets_fit`, after the checks): a
-check of the values, not of the version counter, which ``.data`` writes do not bump.
+offsets[r + 1]] == r``; ``row_ids`` must be non-decreasing and in ``[0, n_rows)`` (checked on
+every call). A dictionary's word ids are constant across decoding steps, so the last results
+are reused when they fit the current contents (`_offsets_fit`: a check of the values, not of
+the version counter).
 """
 
 from __future__ import annotations
@@ -47,10 +34,9 @@ import os
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import dictionary_score as kernels
-from aa_compile.kernels.dictionary_score import reference
+from aa_compile.kernels.dictionary_score import cpu, reference
 
-from .registry import OpEntry, register
+from .registry import register_kernels, register_samples, triton_kernel
 
 #: Check offsets / slots / trigram-count *values* on non-CPU devices too (a device sync per
 #: call). CPU always checks. From the environment variable ``AA_DICTIONARY_CHECK_INDICES``.
@@ -58,10 +44,13 @@ CHECK_INDICES: bool = os.environ.get("AA_DICTIONARY_CHECK_INDICES", "0").strip()
     "", "0", "false", "no", "off",
 )
 OP = "aa::dictionary_score"
+_TRITON = "aa_compile.kernels.dictionary_score.triton_kernel"
 
 
-def _check(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, *, values: bool,
-           check_slots: bool = True):
+def check(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, *, values: bool = True,
+          check_slots: bool = True) -> None:
+    """The argument checks: metadata always; with ``values`` the offsets, trigram counts and
+    (with ``check_slots``) the slot range on CPU, elsewhere only with `CHECK_INDICES`."""
     check_values = values and (probs.device.type == "cpu" or CHECK_INDICES)
     reference.check_inputs(probs, word_offsets, slots, slot_weights, n_trigrams, m, k,
                            check_values=check_values, check_slots=check_slots, op=OP)
@@ -77,27 +66,46 @@ def dictionary_score(
     m: int,
     k: int,
 ) -> tuple[Tensor, Tensor]:
-    args = (probs, word_offsets, slots, slot_weights, n_trigrams, m, k)
-    # the CPU kernel (ATen's embedding bag) bounds-checks every slot it reads: no separate pass
-    # over the slots; its error becomes ours (it reads none when B == 0: then they are checked)
-    kernel_checks = probs.device.type == "cpu" and probs.dim() == 2 and probs.shape[0] > 0
-    _check(*args, values=True, check_slots=not kernel_checks)
-    try:
-        return kernels.dictionary_score(*args)
-    except RuntimeError:
-        if kernel_checks:  # raises the ValueError naming the bad slot, if that was the cause
-            _check(*args, values=True)
-        raise
+    check(probs, word_offsets, slots, slot_weights, n_trigrams, m, k)
+    return cpu.dictionary_score(probs, word_offsets, slots, slot_weights, n_trigrams, m, k)
 
 
 @dictionary_score.register_fake
 def _(probs, word_offsets, slots, slot_weights, n_trigrams, m, k):
-    _check(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, values=False)
+    check(probs, word_offsets, slots, slot_weights, n_trigrams, m, k, values=False)
     b, n_words = probs.shape[0], word_offsets.shape[0] - 1
     acc = reference.compute_dtype(probs.dtype)
     width = n_words if k == 0 else k
     return (probs.new_empty(b, width, dtype=acc),
             probs.new_empty(b, 0 if k == 0 else k, dtype=torch.int64))
+
+
+def _cpu(probs, word_offsets, slots, slot_weights, n_trigrams, m, k):
+    """``cpu.dictionary_score`` with the slot range left to ATen's embedding bag, which
+    bounds-checks every slot it reads (none when B == 0: then they are checked here); its
+    error reruns the full check, which raises the ValueError naming the bad slot."""
+    args = (probs, word_offsets, slots, slot_weights, n_trigrams, m, k)
+    bag_checks = probs.dim() == 2 and probs.shape[0] > 0
+    check(*args, check_slots=not bag_checks)
+    try:
+        return cpu.dictionary_score(*args)
+    except RuntimeError:
+        if bag_checks:
+            check(*args)
+        raise
+
+
+_triton = triton_kernel(_TRITON, "dictionary_score", fallback=cpu.dictionary_score)
+
+
+def _cuda(probs, word_offsets, slots, slot_weights, n_trigrams, m, k):
+    """Triton for 16/32-bit floats; float64 runs ``cpu.py`` (ATen ops)."""
+    fn = cpu.dictionary_score if probs.dtype == torch.float64 else _triton
+    return fn(probs, word_offsets, slots, slot_weights, n_trigrams, m, k)
+
+
+register_kernels(dictionary_score, cpu=_cpu)  # checks its arguments itself (see _cpu)
+register_kernels(dictionary_score, check=check, cuda=_cuda)
 
 
 def _setup_context(ctx, inputs, output):
@@ -186,7 +194,7 @@ def _(row_ids, n_rows):
     return row_ids.new_empty(n_rows + 1, dtype=torch.int64)
 
 
-# -- registry -------------------------------------------------------------------------------
+# -- opcheck samples ------------------------------------------------------------------------
 
 
 def _samples(device: str):
@@ -224,16 +232,5 @@ def _offsets_samples(device: str):
     yield (torch.zeros(0, dtype=torch.int64, device=device), 2), {}
 
 
-_KERNELS = {
-    "cpu": "aa_compile.kernels.dictionary_score.cpu",
-    "cuda": "aa_compile.kernels.dictionary_score.triton_kernel",
-    "reference": "aa_compile.kernels.dictionary_score.reference",
-}
-
-register(OpEntry(name=OP, op=torch.ops.aa.dictionary_score, kernels=_KERNELS,
-                 samples=_samples))
-register(OpEntry(name="aa::csr_offsets", op=torch.ops.aa.csr_offsets,
-                 kernels={"cpu": "aa_compile.ops.dictionary_score",
-                          "cuda": "aa_compile.ops.dictionary_score",
-                          "reference": "aa_compile.ops.dictionary_score"},
-                 samples=_offsets_samples))
+register_samples(dictionary_score, _samples)
+register_samples(csr_offsets, _offsets_samples)

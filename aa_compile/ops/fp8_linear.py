@@ -1,4 +1,4 @@
-"""`aa::fp8_linear`: FP8 linear layer (E4M3 forward, E5M2 gradients) with static (unit) or
+"""`aa::fp8_linear`: FP8 linear layer (E4M3 operands, E5M2 gradients) with static (unit) or
 dynamic scaling, forward and backward.
 
     aa::fp8_linear(Tensor x, Tensor w, Tensor? bias=None, str scaling="static",
@@ -10,50 +10,12 @@ dynamic scaling, forward and backward.
                             float grad_w_mult, bool need_x, bool need_w, bool need_bias)
         -> (Tensor, Tensor, Tensor)
 
-``x [..., K]`` and ``w [N, K]`` (float32 / bfloat16 / float16, any mix), ``bias [N]``
-(optional, not quantised). ``K`` and ``N`` must be multiples of 16 (FP8 tensor-core GEMMs).
-Output ``[..., N]`` in ``x.dtype``::
-
-    y = out_scale * dq(e4m3(x * sx)) @ dq(e4m3(w * sw))^T + bias
-
-with ``e4m3(v) = cast(clamp(v, -448, 448))`` (saturating), ``dq`` the multiplication by
-``1/s``, float32 accumulation. The unit scale ``out_scale`` (u-μP: ``1/sqrt(K)``; readout
-``1/K``) is folded into the GEMM epilogue. Scalings:
-
-- ``"static"``: ``sx = x_scale``, ``sw = w_scale``, ``sg = grad_scale``, given. No amax pass:
-  for unit-scaled (u-μP) tensors 1.0 fits E4M3's range, which is what static saves (one
-  reduction over each operand, and on GPU the scale math, per GEMM).
-- ``"tensorwise"``: ``s = 448 / amax(|t|)`` per tensor (57344 for gradients), computed per call.
-- ``"rowwise"``: the same per row of ``x`` and per row (output feature) of ``w``; the backward
-  quantises each operand per row of *its* GEMM's output (``w`` and ``x`` per column).
-
-In the dynamic modes ``x_scale``, ``w_scale`` and ``grad_scale`` must stay 1.0.
-
-**Backward** (``register_autograd``; its own op, so it gets the same kernels): the straight-
-through gradient of the quantised product, with the gradient cast to E5M2 (saturating at
-±57344)::
-
-    dx = grad_x_mult * dq(e5m2(g * sg)) @ dq(e4m3(w * sw))
-    dw = grad_w_mult * dq(e5m2(g * sg))^T @ dq(e4m3(x * sx))
-    dbias = sum of g over rows (float32, unquantised)
-
-``grad_x_mult`` / ``grad_w_mult`` default to ``out_scale`` (the true gradient). u-μP's linear
-uses its own backward scales (grad_w ``batch^-1/2``): pass them here. ``x`` and ``w`` are
-re-quantised in the backward (nothing FP8 is saved), so the dynamic modes redo their amax.
-
-**Non-finite inputs**: NaN stays NaN and ``±inf`` becomes NaN before the clamp (a saturating
-cast would otherwise turn it into a finite ±448): every output element that reads a non-finite
-input is NaN; with tensorwise scaling the whole output is NaN (the scale is). Never finite
-garbage. Set `CHECK_FINITE` (or ``AA_FP8_CHECK_FINITE=1`` before import) to raise ValueError
-on non-finite x, w or grad instead (one extra reduction and a device sync per call).
-
-**Saturation** is counted when asked: ``with saturation_stats() as stats: ...`` then
-``stats.counts == {"x": .., "w": .., "grad": ..}``: elements whose scaled magnitude would have
-overflowed the format without the clamp (E4M3 > 464, E5M2 >= 61440). Counting costs a pass
-per operand and a device sync when read; outside the context nothing is counted.
-
-Devices: CPU (``torch._scaled_mm``), CUDA with compute capability >= 8.9 (Triton). Numerics:
-``aa_compile.kernels.fp8_linear.reference``.
+``y = out_scale * dq(e4m3(x * sx)) @ dq(e4m3(w * sw))^T + bias`` in ``x.dtype``, ``K`` and ``N``
+multiples of 16; the backward is the straight-through gradient with ``grad`` in E5M2 (an empty
+tensor for each gradient not needed). Numerics: ``kernels/fp8_linear/reference.py``. Kernels:
+CPU ``kernels/fp8_linear/cpu.py``, CUDA sm_89+ ``kernels/fp8_linear/triton_kernel.py``; other
+devices are refused. Scalings, non-finite input (`CHECK_FINITE`), `saturation_stats` and the
+kernels' design: ``docs/fp8.md``.
 """
 
 from __future__ import annotations
@@ -66,12 +28,14 @@ import os
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import fp8_linear as kernels
-from aa_compile.kernels.fp8_linear import reference
+from aa_compile.kernels.fp8_linear import compose, cpu, reference
 
-from .registry import OpEntry, register
+from .registry import register_kernels, register_samples, triton_kernel
 
+OP = "aa::fp8_linear"
+BACKWARD_OP = "aa::fp8_linear_backward"
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON = "aa_compile.kernels.fp8_linear.triton_kernel"
 
 #: Raise ValueError on NaN/Inf in x, w or grad (a reduction and a device sync per call).
 CHECK_FINITE: bool = os.environ.get("AA_FP8_CHECK_FINITE", "0").strip().lower() not in (
@@ -128,7 +92,7 @@ def _check_scale(op: str, name: str, value: float, scaling: str, quant: bool) ->
                          f"scaling={scaling!r} computes it from the amax (leave it 1.0)")
 
 
-def _check(op: str, x: Tensor, w: Tensor, bias: Tensor | None, scaling: str) -> None:
+def _check_operands(op: str, x: Tensor, w: Tensor, bias: Tensor | None, scaling: str) -> None:
     if scaling not in reference.SCALINGS:
         raise ValueError(f"{op}: scaling must be one of {reference.SCALINGS}, got {scaling!r}")
     for name, t in (("x", x), ("w", w)) + ((("bias", bias),) if bias is not None else ()):
@@ -153,7 +117,9 @@ def _check(op: str, x: Tensor, w: Tensor, bias: Tensor | None, scaling: str) -> 
         raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
 
 
-def _check_device(op: str, device: torch.device) -> None:
+def check_device(op: str, device: torch.device) -> None:
+    """ValueError unless ``device`` has an FP8 kernel: cpu, or cuda with compute capability
+    >= 8.9."""
     if device.type == "cpu":
         return
     if device.type != "cuda":
@@ -166,13 +132,45 @@ def _check_device(op: str, device: torch.device) -> None:
         )
 
 
-def _check_all(x, w, bias, scaling, x_scale, w_scale, out_scale, grad_scale=1.0):
-    op = "aa::fp8_linear"
-    _check(op, x, w, bias, scaling)
-    _check_scale(op, "x_scale", x_scale, scaling, True)
-    _check_scale(op, "w_scale", w_scale, scaling, True)
-    _check_scale(op, "grad_scale", grad_scale, scaling, True)
-    _check_scale(op, "out_scale", out_scale, scaling, False)
+def check(x, w, bias=None, scaling="static", x_scale=1.0, w_scale=1.0, out_scale=1.0,
+          grad_scale=1.0, grad_x_mult=None, grad_w_mult=None) -> None:
+    """The forward's argument checks (every device, the fake impl too)."""
+    _check_operands(OP, x, w, bias, scaling)
+    _check_scale(OP, "x_scale", x_scale, scaling, True)
+    _check_scale(OP, "w_scale", w_scale, scaling, True)
+    _check_scale(OP, "grad_scale", grad_scale, scaling, True)
+    _check_scale(OP, "out_scale", out_scale, scaling, False)
+
+
+def check_backward(grad, x, w, scaling, x_scale, w_scale, grad_scale, *_) -> None:
+    """The backward op's argument checks (every device, the fake impl too)."""
+    _check_operands(BACKWARD_OP, x, w, None, scaling)
+    for name, v in (("x_scale", x_scale), ("w_scale", w_scale), ("grad_scale", grad_scale)):
+        _check_scale(BACKWARD_OP, name, v, scaling, True)
+    want = (*x.shape[:-1], w.shape[0])
+    if tuple(grad.shape) != want:
+        raise ValueError(f"{BACKWARD_OP}: grad must have shape {want}, got {tuple(grad.shape)}")
+    if grad.dtype not in _FLOAT or grad.device != x.device:
+        raise ValueError(f"{BACKWARD_OP}: grad must be a float32/bfloat16/float16 tensor on "
+                         f"{x.device}, got {grad.dtype} on {grad.device}")
+
+
+def _before_forward(x, w, bias=None, scaling="static", x_scale=1.0, w_scale=1.0, out_scale=1.0,
+                    grad_scale=1.0, grad_x_mult=None, grad_w_mult=None) -> None:
+    """What every forward kernel runs first: `check`, `CHECK_FINITE` and `saturation_stats`."""
+    check(x, w, bias, scaling, x_scale, w_scale, out_scale, grad_scale)
+    _check_finite(OP, x=x, w=w)
+    _count("x", x, reference.E4M3, scaling, x_scale)
+    _count("w", w, reference.E4M3, scaling, w_scale)
+    for stats in _STATS:
+        stats.calls += 1
+
+
+def _before_backward(grad, x, w, scaling, x_scale, w_scale, grad_scale, *_) -> None:
+    """What every backward kernel runs first: `check_backward`, `CHECK_FINITE`, the stats."""
+    check_backward(grad, x, w, scaling, x_scale, w_scale, grad_scale)
+    _check_finite(BACKWARD_OP, grad=grad)
+    _count("grad", grad, reference.E5M2, scaling, grad_scale)
 
 
 @torch.library.custom_op("aa::fp8_linear", mutates_args=())
@@ -188,21 +186,16 @@ def fp8_linear(
     grad_x_mult: float | None = None,
     grad_w_mult: float | None = None,
 ) -> Tensor:
-    _check_all(x, w, bias, scaling, x_scale, w_scale, out_scale, grad_scale)
-    _check_device("aa::fp8_linear", x.device)
-    _check_finite("aa::fp8_linear", x=x, w=w)
-    _count("x", x, reference.E4M3, scaling, x_scale)
-    _count("w", w, reference.E4M3, scaling, w_scale)
-    if _STATS:
-        for stats in _STATS:
-            stats.calls += 1
-    return kernels.forward(x, w, bias, scaling, x_scale, w_scale, out_scale)
+    """Devices without an FP8 kernel (neither cpu nor cuda): refused."""
+    check(x, w, bias, scaling, x_scale, w_scale, out_scale, grad_scale)
+    check_device(OP, x.device)
+    raise ValueError(f"{OP}: no FP8 kernel registered for device {x.device}")
 
 
 @fp8_linear.register_fake
 def _(x, w, bias=None, scaling="static", x_scale=1.0, w_scale=1.0, out_scale=1.0,
       grad_scale=1.0, grad_x_mult=None, grad_w_mult=None):
-    _check_all(x, w, bias, scaling, x_scale, w_scale, out_scale, grad_scale)
+    check(x, w, bias, scaling, x_scale, w_scale, out_scale, grad_scale)
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
@@ -221,38 +214,49 @@ def fp8_linear_backward(
     need_w: bool,
     need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    op = "aa::fp8_linear_backward"
-    _check_bwd(grad, x, w, scaling, x_scale, w_scale, grad_scale)
-    _check_device(op, x.device)
-    _check_finite(op, grad=grad)
-    _count("grad", grad, reference.E5M2, scaling, grad_scale)
-    dx, dw, db = kernels.backward(grad, x, w, scaling, x_scale, w_scale, grad_scale,
-                                  grad_x_mult, grad_w_mult, need_x, need_w, need_bias)
-    return (dx if dx is not None else x.new_empty(0), dw if dw is not None else x.new_empty(0),
-            db if db is not None else x.new_empty(0))
-
-
-def _check_bwd(grad, x, w, scaling, x_scale, w_scale, grad_scale):
-    op = "aa::fp8_linear_backward"
-    _check(op, x, w, None, scaling)
-    for name, v in (("x_scale", x_scale), ("w_scale", w_scale), ("grad_scale", grad_scale)):
-        _check_scale(op, name, v, scaling, True)
-    want = (*x.shape[:-1], w.shape[0])
-    if tuple(grad.shape) != want:
-        raise ValueError(f"{op}: grad must have shape {want}, got {tuple(grad.shape)}")
-    if grad.dtype not in _FLOAT or grad.device != x.device:
-        raise ValueError(f"{op}: grad must be a float32/bfloat16/float16 tensor on "
-                         f"{x.device}, got {grad.dtype} on {grad.device}")
+    """Devices without an FP8 kernel (neither cpu nor cuda): refused."""
+    check_backward(grad, x, w, scaling, x_scale, w_scale, grad_scale)
+    check_device(BACKWARD_OP, x.device)
+    raise ValueError(f"{BACKWARD_OP}: no FP8 kernel registered for device {x.device}")
 
 
 @fp8_linear_backward.register_fake
 def _(grad, x, w, scaling, x_scale, w_scale, grad_scale, grad_x_mult, grad_w_mult, need_x,
       need_w, need_bias):
-    _check_bwd(grad, x, w, scaling, x_scale, w_scale, grad_scale)
+    check_backward(grad, x, w, scaling, x_scale, w_scale, grad_scale)
     dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
     dw = w.new_empty(w.shape) if need_w else x.new_empty(0)
     db = grad.new_empty(w.shape[0], dtype=torch.float32) if need_bias else x.new_empty(0)
     return dx, dw, db
+
+
+_triton_gemm = triton_kernel(_TRITON, "gemm_nt")
+
+
+def _cpu_forward(x, w, bias=None, scaling="static", x_scale=1.0, w_scale=1.0, out_scale=1.0,
+                 grad_scale=1.0, grad_x_mult=None, grad_w_mult=None):
+    return compose.forward(cpu.gemm_nt, x, w, bias, scaling, x_scale, w_scale, out_scale)
+
+
+def _cpu_backward(grad, x, w, *args):
+    return compose.backward(cpu.gemm_nt, grad, x, w, *args)
+
+
+def _cuda_forward(x, w, bias=None, scaling="static", x_scale=1.0, w_scale=1.0, out_scale=1.0,
+                  grad_scale=1.0, grad_x_mult=None, grad_w_mult=None):
+    """Triton on sm_89+ (other GPUs are refused)."""
+    check_device(OP, x.device)
+    return compose.forward(_triton_gemm, x, w, bias, scaling, x_scale, w_scale, out_scale)
+
+
+def _cuda_backward(grad, x, w, *args):
+    check_device(BACKWARD_OP, x.device)
+    return compose.backward(_triton_gemm, grad, x, w, *args)
+
+
+register_kernels(fp8_linear, check=_before_forward, cpu=_cpu_forward, cuda=_cuda_forward)
+register_kernels(fp8_linear_backward, check=_before_backward, cpu=_cpu_backward,
+                 cuda=_cuda_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -293,16 +297,6 @@ def _samples(device: str):
                                                                  "grad_w_mult": 0.5}
 
 
-_KERNELS = {
-    "cpu": "aa_compile.kernels.fp8_linear.cpu",
-    "cuda": "aa_compile.kernels.fp8_linear.triton_kernel",
-    "reference": "aa_compile.kernels.fp8_linear.reference",
-}
-
-register(OpEntry(name="aa::fp8_linear", op=torch.ops.aa.fp8_linear, kernels=_KERNELS,
-                 samples=_samples))
-
-
 def _backward_samples(device: str):
     for args, kwargs in _samples(device):
         x, w = args[0].detach(), args[1].detach()
@@ -312,5 +306,5 @@ def _backward_samples(device: str):
         yield (grad, x, w, scaling, 1.0, 1.0, 1.0, 1.0, 1.0, False, True, False), {}
 
 
-register(OpEntry(name="aa::fp8_linear_backward", op=torch.ops.aa.fp8_linear_backward,
-                 kernels=_KERNELS, samples=_backward_samples))
+register_samples(fp8_linear, _samples)
+register_samples(fp8_linear_backward, _backward_samples)

@@ -4,7 +4,9 @@
 
 ``x``: ``[..., K]`` float16/bfloat16/float32/float64; ``w_int8``: ``[N, K]`` int8; ``scales``:
 ``[N]`` float; ``bias``: ``[N]`` float or None. Returns ``[..., N]`` in ``x.dtype``. Numerics:
-``aa_compile.kernels.int8_linear.reference`` (float64 matmul with the dequantised weight).
+``kernels/int8_linear/reference.py`` (float64 matmul with the dequantised weight). Kernels: CPU
+``kernels/int8_linear/cpu.py``, CUDA ``kernels/int8_linear/triton_kernel.py`` (float64 there runs
+the reference, as do other devices).
 
 Autograd: for ``x`` and ``bias`` only (``dx = (grad * scales) @ w_int8``, one GEMM in the
 gradient's dtype; ``dbias = sum(grad)``): cheap, and enough to backpropagate *through* a
@@ -17,14 +19,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aa_compile.kernels import int8_linear as kernels
+from aa_compile.kernels.int8_linear import cpu, reference
 
-from .registry import OpEntry, register
+from .registry import register_kernels, register_samples, triton_kernel
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON = "aa_compile.kernels.int8_linear.triton_kernel"
 
 
-def _check(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+def check(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> None:
     if x.dtype not in _FLOAT:
         raise ValueError(f"aa::int8_linear: x must be a float tensor, got {x.dtype}")
     if x.dim() == 0:
@@ -58,14 +61,26 @@ def _check(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> No
 
 @torch.library.custom_op("aa::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    _check(x, w_int8, scales, bias)
-    return kernels.forward(x, w_int8, scales, bias)
+    check(x, w_int8, scales, bias)
+    return reference.int8_linear(x, w_int8, scales, bias)
 
 
 @int8_linear.register_fake
 def _(x, w_int8, scales, bias):
-    _check(x, w_int8, scales, bias)
+    check(x, w_int8, scales, bias)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+_triton = triton_kernel(_TRITON, "int8_linear", fallback=reference.int8_linear)
+
+
+def _cuda(x, w_int8, scales, bias):
+    """Triton for 16/32-bit floats; float64 runs the reference."""
+    fn = reference.int8_linear if x.dtype == torch.float64 else _triton
+    return fn(x, w_int8, scales, bias)
+
+
+register_kernels(int8_linear, check=check, cpu=cpu.int8_linear, cuda=_cuda)
 
 
 def _setup_context(ctx, inputs, output):
@@ -106,15 +121,4 @@ def _samples(device: str):
     yield case((2, 7), 3, dtype=torch.float64, grad=True)
 
 
-register(
-    OpEntry(
-        name="aa::int8_linear",
-        op=torch.ops.aa.int8_linear,
-        kernels={
-            "cpu": "aa_compile.kernels.int8_linear.cpu",
-            "cuda": "aa_compile.kernels.int8_linear.triton_kernel",
-            "reference": "aa_compile.kernels.int8_linear.reference",
-        },
-        samples=_samples,
-    )
-)
+register_samples(int8_linear, _samples)

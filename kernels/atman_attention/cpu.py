@@ -1,26 +1,9 @@
-"""CPU path of `aa::atman_attention` (numerics: :mod:`.reference`).
-
-The attention is split into at most three parts over disjoint key sets, each evaluated with its
-log-sum-exp, and the parts are merged exactly (``o = Σ o_p · exp(lse_p − lse)``):
-
-- **prefix** (``prefix_k``/``prefix_v`` shared by every batch row, all visible to every query):
-  one fused flash-attention call (``aten._scaled_dot_product_flash_attention_for_cpu``) with the
-  batch rows folded into the query rows, so a shared prefix is neither copied per row nor
-  multiplied in per-row small GEMMs;
-- **own keys** (``k``/``v`` of each row): flash attention with a ``[B, 1, Sq, Sk]`` additive
-  mask that holds the causal structure and, per row, the suppression of its key columns:
-  ``log f`` for ``log_additive`` (exactly the spec's bias), ``-inf`` (the key left out) for
-  ``multiplicative``. Without suppression the mask is shared by the rows (or is plain
-  ``is_causal``);
-- **suppressed keys** (``multiplicative`` only): the few left-out keys with the research code's
-  score ``rowmin + f·(s − rowmin)`` (the softmax-equivalent of ``(s − rowmin)·f``), the row
-  minimum over every visible key computed blockwise (score tiles within ``TILE_BYTES``).
-
-No part subtracts anything, so there is no cancellation however small ``f`` is. Suppression of
-a prefix key (not something the explainer does: a pass's prefix ends before its first
-suppressed position) or a prefix that not every query sees falls back to one key sequence
-(``cat``). float16/bfloat16 inputs are computed in float32, float64 in float64.
-"""
+"""CPU kernel of `aa::atman_attention` (numerics: ``reference.py``): the keys are split into up to
+three disjoint parts (a shared prefix, each row's own keys with the suppression in an additive
+mask, and for ``multiplicative`` the left-out suppressed keys), each run through ATen's fused
+CPU flash attention or a small GEMM, and merged exactly by their log-sum-exp. Nothing is
+subtracted, so tiny factors lose no precision; a shared prefix is never copied per row. The
+parts in detail: ``docs/atman.md``."""
 
 from __future__ import annotations
 
@@ -159,9 +142,10 @@ def _suppressed_part(q: Tensor, k: Tensor, v: Tensor, sup, row_min: Tensor, is_c
 
 
 def atman_attention(q: Tensor, k: Tensor, v: Tensor, suppress_idx: Tensor,
-                    suppress_factor: Tensor, mode: str, is_causal: bool, q_offset: int,
-                    scale: float | None, prefix_k: Tensor | None = None,
+                    suppress_factor: Tensor, mode: str, is_causal: bool, q_offset: int = 0,
+                    scale: float | None = None, prefix_k: Tensor | None = None,
                     prefix_v: Tensor | None = None) -> Tensor:
+    """The op's signature (``aa_compile/ops/atman_attention.py``); returns ``q.dtype``."""
     bsz, h, sq, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -1,14 +1,7 @@
-"""Triton `aa::atman_attention` (numerics: :mod:`.reference`): flash-style, suppression in the loop.
-
-One program per (query block, batch row × head). The compact spec (``suppress_idx``,
-``suppress_factor``: ``n`` slots per row) is read inside the key loop: for each key block the
-factor vector is ``min`` over the row's slots of ``where(key == idx_t, f_t, 1)``, so neither a
-dense mask nor a dense factor vector is materialised. ``log_additive`` adds ``log f`` to the
-scores before the online softmax. ``multiplicative`` needs each row's minimum over its allowed
-keys first: a first sweep over the key blocks computes it (one extra ``q kᵀ``), the second is
-the usual online-softmax sweep on ``(s - min) · f``. Causal programs stop at their last
-visible key block. Inference only (no backward kernel).
-"""
+"""Triton `aa::atman_attention` (CUDA; numerics: ``reference.py``): flash-style, one program per
+(query block, batch row x head), reading the compact suppression spec inside the key loop, so no
+dense mask or factor vector is materialised; ``multiplicative`` first sweeps the keys for each
+row's minimum. Inference only. Details: ``docs/atman.md``."""
 
 from __future__ import annotations
 

@@ -1,23 +1,10 @@
-"""CPU path of `aa::dictionary_score` (numerics: :mod:`aa_compile.kernels.dictionary_score.reference`).
-
-Raw sums: ``S^T [n_words, B]`` is an embedding bag over the *transposed* probabilities: table
-``p^T [v, B]``, bag w = the entries of word w, per-sample weights ``slot_weights``. ATen's
-inference embedding bag (``aten::_embedding_bag_forward_only``, fbgemm code for float32, a plain
-loop for float64) sums each word's entries in order in one thread, so it is deterministic and
-never materialises the ``[B, nnz]`` gather the reference module builds. fbgemm is ~5x slower for
-a one-column table than for two (measured, 100k words, v=32000), so ``B == 1`` is padded to two
-columns.
-
-Normalisation: ``score = S * a - total * c`` with per-word ``c = 1 / off`` and
-``a = 1 / on + c`` (two passes over ``[B, n_words]`` instead of five; a few ulps from the
-reference's divisions), then ``-inf`` written into the columns of words without trigrams.
-
-Top-k (`ordered_topk`): ``torch.topk`` finds the k-th value, the candidates are the scores not
-below it (k of them unless there are ties at the boundary), and a stable descending sort of the
-candidates, kept in word order, gives the documented tie order (lower word index first). A full
-sort of 10^6 scores per row would cost ~20x more. Every op here exists on CUDA too, so the
-Triton path reuses `ordered_topk`.
-"""
+"""CPU kernel of `aa::dictionary_score` (numerics: ``reference.py``), ATen ops only (so it runs
+on every device). Raw sums: ATen's inference embedding bag over the *transposed* probabilities
+(table ``p^T [v, B]``, bag w = word w's entries, weighted): deterministic, and never the
+``[B, nnz]`` gather of the reference; ``B == 1`` is padded to two columns (fbgemm is much slower
+for one). Normalisation in two passes (``S * a - total * c``, a few ulps from the reference).
+Top-k (`ordered_topk`): ``torch.topk`` for the k-th value, then a stable sort of the candidates
+not below it, which gives the tie order (lower word index first) without a full sort."""
 
 from __future__ import annotations
 

@@ -1,20 +1,8 @@
-"""Triton dictionary scoring (numerics: :mod:`aa_compile.kernels.dictionary_score.reference`),
-the CUDA path of `aa::dictionary_score`.
-
-``_score_kernel``, one program per (``BLOCK_W`` words, batch row b): the words' entries form a
-``[BLOCK_W, BLOCK_E]`` tile per step (row j walks word j's CSR segment; masked past its end),
-gathering ``probs[b, slots]`` times ``slot_weights``; a row sum per step accumulates the raw
-sums ``S`` in float32. The loop runs to the longest segment of the block (dictionary words are
-short, so a block's segments are similar). The normalisation (``S / on + (S - total) / off``,
-``-inf`` for words without trigrams) is applied before the single store, so the raw sums never
-go to memory. ``total = probs.sum(-1)`` comes from one torch reduction first.
-
-Top-k is a second stage on the scores: `cpu.ordered_topk` (torch ops only, so it runs on CUDA:
-``torch.topk`` for the k-th value, then a stable sort of the candidates for the tie order).
-
-float16 / bfloat16 / float32 probabilities; float64 goes to the CPU module (ATen ops, which run
-on CUDA as well). Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the tests do that).
-"""
+"""Triton kernel of `aa::dictionary_score` (CUDA; numerics: ``reference.py``): one program per
+(``BLOCK_W`` words, batch row) walks the words' CSR segments in ``[BLOCK_W, BLOCK_E]`` tiles,
+sums ``probs[b, slots] * slot_weights`` in float32 and normalises before its single store (the
+raw sums never go to memory). Top-k is `cpu.ordered_topk` on the scores (torch ops). float16 /
+bfloat16 / float32 probabilities; the op runs float64 through ``cpu.py``."""
 
 from __future__ import annotations
 
@@ -79,7 +67,7 @@ def scores(probs, word_offsets, slots, slot_weights, n_trigrams, m: int) -> Tens
                            check_values=False, op="dictionary_score triton")
     if probs.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dictionary_score triton: probs: {probs.dtype} is not supported by "
-                         "the Triton kernel; use the CPU module (kernels.dictionary_score.cpu)")
+                         "the Triton kernel; use the CPU module (kernels/dictionary_score/cpu.py)")
     b, v = probs.shape
     n_words = word_offsets.numel() - 1
     out = torch.empty(b, n_words, dtype=torch.float32, device=probs.device)

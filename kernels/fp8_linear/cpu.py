@@ -1,15 +1,6 @@
-"""CPU path of `aa::fp8_linear`: quantise with a few vectorised torch passes, then
-``torch._scaled_mm`` (oneDNN / ATen's CPU FP8 GEMM, float32 accumulation).
-
-``torch._scaled_mm`` on CPU takes every combination the op needs (checked on torch 2.13):
-E4M3 x E4M3 and E5M2 x E4M3 operands, a tensorwise (``[]``) or rowwise (``[P, 1]`` and
-``[1, Q]``) float32 dequantisation scale per operand, a bias and float32 / bfloat16 / float16
-output. The unit scale ``mult`` is folded into ``b``'s dequantisation scale, so the epilogue
-applies ``acc * scale_a * scale_b + bias`` once. Nothing is emulated.
-
-Passes per GEMM operand: static = 1 copy (inf -> NaN, and the scale multiply only if it is
-not 1) + in-place clamp + cast; tensorwise / rowwise add the amax reduction and the scale math.
-"""
+"""CPU kernel of `aa::fp8_linear`: quantise with a few vectorised torch passes, then
+``torch._scaled_mm`` (ATen's CPU FP8 GEMM, float32 accumulation) with the unit scale folded into
+``b``'s dequantisation scale. Numerics: ``reference.py``; notes: ``docs/fp8.md``."""
 
 from __future__ import annotations
 

@@ -1,25 +1,15 @@
-"""Emit an sm90a CUTLASS FP8 GEMM for `aa::fp8_linear` (optional: the ``cutlass`` extra,
-``pip install aa-compile[cutlass]``, i.e. the ``nvidia-cutlass`` package).
+"""Emit an sm90a CUTLASS FP8 GEMM for `aa::fp8_linear` as a standalone ``.cu`` (optional: the
+``cutlass`` extra, i.e. the ``nvidia-cutlass`` package).
 
-The CUTLASS Python interface (``cutlass_cppgen`` in nvidia-cutlass 4.x, ``cutlass`` in 3.x)
-plans an E4M3 x E4M3 -> float32-accumulate GEMM for Hopper (TMA, warp-specialised) whose
-epilogue is ``D = alpha * acc + beta * C``. `emit_fp8_gemm` writes that kernel's declaration
-with a plain C entry point of our own around it (no PyTorch headers)::
+The file holds an E4M3 x E4M3 -> float32-accumulate Hopper GEMM with the epilogue
+``D = alpha * acc + beta * C`` behind a plain C entry point (no PyTorch headers)::
 
     extern "C" int aa_fp8_gemm_sm90(int M, int N, int K, const void* A, const void* B,
                                      const void* C, void* D, float alpha, float beta,
                                      void* stream);
 
-``A [M, K]`` row-major E4M3, ``B`` given as ``[N, K]`` row-major (column-major ``K x N``),
-``D [M, N]`` row-major in the output type. For static (u-μP) scaling every scale is a host
-constant, so ``alpha = out_scale / (x_scale * w_scale)`` is the whole epilogue: no scale
-tensor is read. The bias goes in as ``C`` broadcast by the caller or is added afterwards.
-
-The op does not dispatch to this kernel yet (its CUDA path is Triton); the emitted file is
-compiled by ``tests/test_fp8_cutlass.py`` with ``nvcc`` where both are present.
-
-Planning needs no GPU: where none is visible the interface's device probe is bypassed by
-giving it the target compute capability (and nvcc's version) directly.
+The op does not dispatch to it yet; ``tests/test_fp8_cutlass.py`` compiles it with ``nvcc``.
+Layouts, the static-scaling ``alpha`` and planning without a GPU: ``docs/fp8.md``.
 """
 
 from __future__ import annotations

@@ -1,28 +1,8 @@
-"""Triton FP8 GEMM of `aa::fp8_linear` (CUDA, compute capability >= 8.9), numerics:
-:mod:`aa_compile.kernels.fp8_linear.reference`.
-
-One kernel per GEMM, ``out[P, Q] = mult * dq(q(a)) @ dq(q(bt))^T + bias``, with the
-quantisation fused into the **prologue**: each program loads ``a`` / ``bt`` tiles in their own
-dtype (float32 / bfloat16 / float16, any strides, so transposed operands of the backward cost
-no copy), multiplies by the quantisation scale, turns ``±inf`` into NaN, clamps to the format's
-range, casts to FP8 (E4M3 ``tl.float8e4nv`` / E5M2 ``tl.float8e5``, round to nearest even) and
-feeds ``tl.dot`` with a float32 accumulator. The **epilogue** multiplies by the dequantisation
-scales and the unit scale ``mult`` and adds the bias, then rounds once to the output dtype.
-
-- ``static``: no tensor is read besides ``a``, ``bt`` (and bias); the scales are kernel
-  arguments (one launch per GEMM, nothing else).
-- ``tensorwise`` / ``rowwise``: a torch amax reduction per operand first, then the kernel
-  reads the scale vectors (stride 0 for a tensor-wide scale).
-
-The trade-off of fusing the cast: operand tiles are re-quantised by every program that loads
-them (compute, not memory), and the GEMM reads 16/32-bit operands instead of 8-bit ones.
-
-``EMULATE_FP8=True`` replaces the FP8 cast by an exact float32 emulation of it (round to the
-FP8 grid with the format's subnormal range, `_round_to_fp8`) and the dot by a float32 ``ieee``
-dot, which is exact for products of FP8 values. The Triton interpreter (``TRITON_INTERPRET=1``,
-the CPU tests) converts float32 to FP8 by truncation and without E4M3FN's subnormals, so tests
-there run this emulated path: same program, prologue and epilogue, different cast.
-"""
+"""Triton FP8 GEMM of `aa::fp8_linear` (CUDA, compute capability >= 8.9; numerics:
+``reference.py``): one kernel per GEMM with the quantisation fused into its prologue and the
+dequantisation scales and bias into its epilogue. ``EMULATE_FP8`` (on in the Triton interpreter,
+whose FP8 casts truncate) swaps the FP8 cast for an exact float32 rounding to the FP8 grid.
+Design notes: ``docs/fp8.md``."""
 
 from __future__ import annotations
 

@@ -1,45 +1,13 @@
 """Native CPU kernel of `aa::int8_linear` for small ``M`` (decode): AVX2 + FMA C, built on first
-use with the system C compiler and called through ``ctypes``.
+use by ``kernels/_native.py`` and called through ``ctypes``.
 
-``y[m, n] = scale[n] * sum_k x[m, k] * w_int8[n, k] + bias[n]`` with float32 ``x``, ``y``,
-``scale``, ``bias``. For each group of 4 output channels the kernel reads the int8 weights once
-from memory (1 byte per weight, float32 ``F.linear`` reads 4), widens them to float32 in
-registers (``vpmovsxbd`` + ``vcvtdq2ps``) and accumulates ``x * w`` with FMAs in float32: 16
-``k`` per step in 8 independent accumulators for one activation row at a time, or 4 activation
-rows x 2 weight rows per step (each widened weight used 4 times) while ``M >= 4`` rows remain;
-the group's rows stay in L1/L2 while the activation rows are walked. While a group streams, the
-same ``k`` range of the next group is software-prefetched: on the 2-core EPYC dev VM (one
-thread) that took the 4096 x 4096 GEMV from 1.8x to 2.6-3.0x float32 ``F.linear``'s speed (the
-hardware prefetcher alone leaves one core well short of its bandwidth on 4 interleaved
-streams). The scale and the bias are applied once per output.
-
-Threads: up to ``torch.get_num_threads()`` (one when the call has fewer than
-``PARALLEL_GRAIN`` multiply-adds): the caller plus helper threads of the small C pool of
-`aa_compile.kernels._native.POOL_SOURCE`, which claim chunks of channel groups (about 4 per
-thread, at least 16 groups of 4 rows each) from a shared counter. The caller claims chunks too and then
-waits only for chunks a helper has already claimed, never for a helper that has not started: on
-the shared dev VM an OpenMP region (and any torch op that runs one) took 15-20 ms whenever a
-team thread was descheduled, because the region's end waits for every thread. Every output is
-summed by one thread in a fixed order, so results do not depend on the thread count (tested
-bitwise). Idle helpers watch for the next job for tens of microseconds, then sleep on a
-condition variable. Concurrent callers (Python threads) run serially while the pool is busy; a
-forked child starts a new pool.
-
-Numerics: float32 products and sums (like float32 ``F.linear`` on the dequantised weight, with the
-scale applied to the sum instead of to each weight); tested against the float64 reference
-(:mod:`aa_compile.kernels.int8_linear.reference`).
-
-Build (`aa_compile.kernels._native`): the C source below is compiled once per source / compiler /
-flags (``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -mavx2 -mfma -pthread``) into
-``$AA_COMPILE_CACHE/kernels`` (default ``~/.cache/aa-compile``; a temporary folder when that is
-not writable; the file name carries a hash of the source, compiler and flags), published by an
-atomic rename; later processes load the cached ``.so``. Without PyTorch headers this takes 1.4 s
-(0.6 s of CPU) with gcc on the busy dev VM; a ``torch.utils.cpp_extension`` build spends most of
-a minute on the headers.
-`available` is False, and the CPU path falls back to blocked dequantise + GEMM
-(:func:`aa_compile.kernels.int8_linear.cpu.blocked_linear`), off x86-64 Linux/macOS, on CPUs
-without AVX2/FMA as ATen detects them (so ``ATEN_CPU_CAPABILITY=default`` turns it off too), or
-when no compiler works (a warning says why, once).
+``y[m, n] = scale[n] * sum_k x[m, k] * w_int8[n, k] + bias[n]`` in float32: each int8 weight is
+read once (1 byte, where float32 ``F.linear`` reads 4) and widened in registers, the next group
+of weight rows is software-prefetched, and helper threads of ``_native``'s pool claim chunks of
+output channels. Every output is summed by one thread in a fixed order, so results do not
+depend on the thread count. `available` is False (the caller falls back to
+``cpu.blocked_linear``) without AVX2/FMA or a working C compiler. Design and measurements:
+``docs/dtm.md``, ``docs/performance.md``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 decode, where the GEMM is bound by weight bandwidth), converts them in registers to the
 activation dtype (float32 for float32 input, with an ``ieee`` dot), accumulates in float32 and
 applies the per-channel scale and the bias in the epilogue, rounding once to ``x.dtype``.
-Numerics: :mod:`aa_compile.kernels.int8_linear.reference`.
+Numerics: ``reference.py``.
 """
 
 from __future__ import annotations

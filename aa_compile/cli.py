@@ -257,11 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report", help="compile the reference transformer with backend='aa' and print the report"
     )
-    report.add_argument("--d-model", type=int, default=256)
-    report.add_argument("--n-layers", type=int, default=2)
-    report.add_argument("--n-heads", type=int, default=4)
-    report.add_argument("--n-kv-heads", type=int, default=None)
-    report.add_argument("--vocab-size", type=int, default=1024)
+    _model_arguments(report, d_model=256, vocab_size=1024)
     report.add_argument("--seq-len", type=int, default=32)
     report.add_argument(
         "--inner-compiler", default="eager", choices=["inductor", "eager", "aot_eager"],
@@ -281,11 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--mode", default="log_additive", choices=["log_additive", "multiplicative"])
     ex.add_argument("--factor", type=float, default=0.1)
     ex.add_argument("--conceptual-threshold", type=float, default=None)
-    ex.add_argument("--d-model", type=int, default=64)
-    ex.add_argument("--n-layers", type=int, default=2)
-    ex.add_argument("--n-heads", type=int, default=4)
-    ex.add_argument("--n-kv-heads", type=int, default=None)
-    ex.add_argument("--vocab-size", type=int, default=256)
+    _model_arguments(ex, d_model=64, vocab_size=256)
     ex.add_argument("--max-seq-len", type=int, default=512)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--png", help="write the heat-map PNG here")
@@ -317,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--seed", type=int, default=0)
     fd.set_defaults(func=_fdtm)
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser, *, d_model: int, vocab_size: int) -> None:
+    """The reference transformer's size options, shared by the subcommands that build one."""
+    parser.add_argument("--d-model", type=int, default=d_model)
+    parser.add_argument("--n-layers", type=int, default=2)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--n-kv-heads", type=int, default=None)
+    parser.add_argument("--vocab-size", type=int, default=vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:

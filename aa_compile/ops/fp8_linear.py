@@ -124,12 +124,9 @@ def check_device(op: str, device: torch.device) -> None:
         return
     if device.type != "cuda":
         raise ValueError(f"{op}: no FP8 kernel for device {device}; use cpu or cuda (sm_89+)")
-    cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 9):
-        raise ValueError(
-            f"{op}: FP8 matmul needs a GPU with compute capability >= 8.9 (Ada, Hopper or "
-            f"newer); {device} is sm_{cap[0]}{cap[1]}. Use F.linear in bfloat16 there"
-        )
+    problem = compose.cuda_capability_problem(device)
+    if problem is not None:
+        raise ValueError(f"{op}: {problem}")
 
 
 def check(x, w, bias=None, scaling="static", x_scale=1.0, w_scale=1.0, out_scale=1.0,

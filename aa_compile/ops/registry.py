@@ -119,20 +119,6 @@ class OpEntry:
     decompositions: Callable[[], dict] | None = None
 
 
-_LEGACY: dict[str, OpEntry] = {}
-
-
-def register(entry: OpEntry) -> OpEntry:
-    """Old-style registration (an explicit `OpEntry`), while ops move to `register_kernels`."""
-    if entry.name in _LEGACY:
-        raise ValueError(f"aa op {entry.name} is registered twice")
-    _LEGACY[entry.name] = entry
-    _SAMPLES[entry.name] = entry.samples
-    if entry.decompositions is not None:
-        _DECOMPOSITIONS[entry.name] = entry.decompositions
-    return entry
-
-
 def defined_ops() -> list[str]:
     """Every op the dispatcher knows in the ``aa`` namespace, however it was defined."""
     names = torch._C._dispatch_get_all_op_names()
@@ -143,9 +129,6 @@ def collect() -> dict[str, OpEntry]:
     """Every op of `defined_ops` that registered samples, with its registered kernels."""
     ops = {}
     for name in defined_ops():
-        if name in _LEGACY:
-            ops[name] = _LEGACY[name]
-            continue
         if name not in _SAMPLES:
             continue  # tests/test_ops.py fails for it: every op needs opcheck samples
         opdef = OPDEFS.get(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import reference
 from .reference import compute_dtype
 
 
@@ -76,8 +77,6 @@ def _sort_candidates(vals: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]
 
 def dictionary_score(probs, word_offsets, slots, slot_weights, n_trigrams, m: int, k: int
                      ) -> tuple[Tensor, Tensor]:
-    """``k >= 1``: top-k ``(values, indices)``; ``k == 0``: ``(scores, [B, 0] int64)``."""
-    score = scores(probs, word_offsets, slots, slot_weights, n_trigrams, m)
-    if k == 0:
-        return score, torch.empty(score.shape[0], 0, dtype=torch.int64, device=score.device)
-    return ordered_topk(score, k)
+    """The op on CPU: the reference's `select` of these `scores`, with this `ordered_topk`."""
+    return reference.select(scores(probs, word_offsets, slots, slot_weights, n_trigrams, m), k,
+                            ordered_topk)

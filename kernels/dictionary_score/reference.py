@@ -138,10 +138,15 @@ def ordered_topk(score: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values[:, :k], indices[:, :k]
 
 
-def dictionary_score(probs, word_offsets, slots, slot_weights, n_trigrams, m: int, k: int
-                     ) -> tuple[Tensor, Tensor]:
-    """The op: ``k >= 1``: `ordered_topk`; ``k == 0``: ``(scores [B, n_words], [B, 0])``."""
-    score = scores(probs, word_offsets, slots, slot_weights, n_trigrams, m)
+def select(score: Tensor, k: int, topk=ordered_topk) -> tuple[Tensor, Tensor]:
+    """What the op returns for ``score [B, n_words]``: ``k >= 1``: ``topk(score, k)``;
+    ``k == 0``: ``(score, [B, 0] int64)``."""
     if k == 0:
         return score, torch.empty(score.shape[0], 0, dtype=torch.int64, device=score.device)
-    return ordered_topk(score, k)
+    return topk(score, k)
+
+
+def dictionary_score(probs, word_offsets, slots, slot_weights, n_trigrams, m: int, k: int
+                     ) -> tuple[Tensor, Tensor]:
+    """The op: `select` of the `scores`."""
+    return select(scores(probs, word_offsets, slots, slot_weights, n_trigrams, m), k)

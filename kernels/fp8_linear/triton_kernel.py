@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
+from . import compose, reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -133,13 +133,9 @@ def check_device(device: torch.device) -> None:
         return
     if device.type != "cuda":
         raise ValueError(f"the Triton FP8 kernel runs on CUDA devices, got {device}")
-    cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 9):
-        raise ValueError(
-            f"FP8 GEMMs need compute capability >= 8.9 (Ada, Hopper or newer); "
-            f"{torch.cuda.get_device_name(device)} is sm_{cap[0]}{cap[1]}. Use a bf16 "
-            "F.linear on this GPU, or run the op on CPU"
-        )
+    problem = compose.cuda_capability_problem(device)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def gemm_nt(a: Tensor, bt: Tensor, a_fmt: torch.dtype, b_fmt: torch.dtype, scaling: str,

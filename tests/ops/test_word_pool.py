@@ -112,7 +112,9 @@ def references(q, k, v, offsets, grad, scale):
     return (out, *reference.word_pool_backward(grad.double(), *d64, offsets, scale))
 
 
-def check(got, want, dtype, name=""):
+def check(got, want, dtype, name="", terms=0.0):
+    """Within ``REL_TOL`` of the result's scale, plus (float32/float64) a few rounding steps of
+    ``terms``, the size of the terms that cancel in it."""
     assert got.dtype == dtype, name
     assert got.shape == want.shape, (name, got.shape, want.shape)
     assert not got.isnan().any(), name
@@ -120,7 +122,19 @@ def check(got, want, dtype, name=""):
         return
     err = (got.double() - want).abs().max().item()
     bound = REL_TOL[dtype] * max(1.0, want.abs().max().item())
+    if dtype in (torch.float32, torch.float64):
+        bound += 4 * torch.finfo(dtype).eps * terms
     assert err <= bound, (name, err, bound)
+
+
+def score_grad_terms(q, k, v, grad, scale) -> float:
+    """The size of the terms of ``dS = P * (dO . v - delta)`` times a q or k entry: where the
+    softmax saturates, ``dq`` and ``dk`` cancel to far below these and keep their rounding."""
+    if q.numel() == 0 or k.numel() == 0:
+        return 0.0
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    rows = [x.double().norm(dim=-1).max().item() for x in (grad, v)]
+    return scale * rows[0] * rows[1] * max(q.abs().max().item(), k.abs().max().item())
 
 
 def check_all(fwd, bwd, p: Problem):
@@ -128,8 +142,9 @@ def check_all(fwd, bwd, p: Problem):
     wants = references(q, k, v, offsets, grad, p.scale)
     out = fwd(q, k, v, offsets, p.scale)
     dq, dk, dv = bwd(grad, q, k, v, offsets, p.scale)
+    terms = score_grad_terms(q, k, v, grad, p.scale)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), wants):
-        check(got, want, p.dtype, name)
+        check(got, want, p.dtype, name, terms if name in ("dq", "dk") else 0.0)
     empty = torch.tensor([n == 0 for n in p.lengths], dtype=torch.bool)
     if empty.any():  # empty words: exact zero rows (and no gradient into a per-word query)
         assert (out[empty] == 0).all()

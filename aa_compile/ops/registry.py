@@ -4,8 +4,8 @@ An op module defines its op with ``torch.library.custom_op`` (the body serves de
 kernel of their own), then calls `register_kernels` (per-device kernels through torch.library's
 ``register_kernel``), `register_samples` (inputs for opcheck) and, where inductor should
 generate the code itself, `register_decompositions`. `collect` builds `OPS` from what was
-registered and fails for an op that torch knows in the ``aa`` namespace but that gave no
-samples, so opcheck covers every op.
+registered for every op the dispatcher knows in the ``aa`` namespace; one without samples is
+left out, and ``tests/test_ops.py`` fails for it, so opcheck covers every op.
 """
 
 from __future__ import annotations

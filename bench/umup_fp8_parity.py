@@ -7,9 +7,9 @@ Both runs go through ``backend="aa"`` with the same inner compiler (``--inner``,
 ``aot_eager``: no code generation, so the comparison does not wait on inductor compiles on
 CPU); they differ only by the ``fp8_linear`` pass, which puts every unit-scaled linear except
 the attention out- and FFN down-projections and the LM head (the default ``fp8_keep``) into
-`aa::fp8_linear` with static scale 1. The
-requirement: the FP8 run's final loss (mean of the last 10% of steps) within 2% relative of
-the FP32 run's. Exits 1 when the gap exceeds ``--tolerance``.
+`aa::fp8_linear` with static scale 1. The requirement: the FP8 run's final loss (mean of the
+last 10% of steps) within 2% relative of the FP32 run's. Exits 1 when the gap exceeds
+``--tolerance``.
 
 One pair is a noisy measurement at this size: the two runs see the same batches but their
 trajectories drift apart, and single-seed gaps of about 2% occur in **both** directions (FP8
@@ -67,7 +67,10 @@ def plot(fp32: TrainResult, fp8: TrainResult, path: str, label: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the docstring's first paragraph (whole sentences) describes, the rest is the epilog
+    description, _, epilog = __doc__.strip().partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)

@@ -159,3 +159,28 @@ def test_bad_input():
         tok.word_slots("\ud800")
     with pytest.raises(TypeError, match="words"):
         tok.decode("a string, not words")
+
+
+# Words and texts written by hand from the splitting rules (`wordsplit`): one space between words
+# is implicit; none before punctuation or a digit, so "ist 12" needs an explicit <|ws|>; two
+# spaces merge into <|2<-ws->|>; `lowercase` lowercases before splitting.
+@pytest.mark.parametrize("kwargs, text, words, decoded", [
+    ({}, "The cat sat.", ["The", "cat", "sat", "."], "The cat sat."),
+    ({}, "Hello,  world!", ["Hello", ",", "<|2<-ws->|>", "world", "!"], "Hello,  world!"),
+    ({}, "Die Straße ist 12 km lang.",
+     ["Die", "Straße", "ist", "<|ws|>", "1", "2", "km", "lang", "."],
+     "Die Straße ist 12 km lang."),
+    ({"lowercase": True}, "Grüße aus Köln!", ["grüße", "aus", "köln", "!"], "grüße aus köln!"),
+])
+def test_decode_accepts_what_encode_returns(kwargs, text, words, decoded):
+    tok = TrigramTokenizer(**kwargs)
+    batch = tok.encode(text)
+    assert batch.words == words
+    assert tok.decode(batch) == decoded
+
+
+def test_decode_of_a_batch_of_texts_gives_one_text_each():
+    tok = TOKENIZERS["fast"]
+    assert tok.decode(tok.encode(["Guten Morgen.", "Good night!"])) == [
+        "Guten Morgen.", "Good night!"]
+    assert tok.decode(tok.encode_words(["Guten", "Tag"])) == "Guten Tag"

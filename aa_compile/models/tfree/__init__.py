@@ -1,11 +1,12 @@
 """T-FREE (tokenizer-free sparse trigram representations): the reference tokenizer.
 
 `wordsplit` (text <-> words), `hashing` (byte trigrams, ``fast`` and ``reference`` hash modes)
-`tokenizer` (`TrigramTokenizer`, batched CSR encode / decode) and `modules` (the reference
-layers `TFreeEmbedding`, `TFreeHead`, `TFreeDictionary`).
+`tokenizer` (`TrigramTokenizer`, batched CSR encode / decode), `modules` (the reference
+layers `TFreeEmbedding`, `TFreeHead`, `TFreeDictionary`) and `lm` (`TFreeLM`, `TFreeLMConfig`).
 """
 
 from .hashing import HASH_MODES, TRIGRAM_COUNT, fast_slots, reference_slots, trigramify
+from .lm import TFreeLM, TFreeLMConfig
 from .modules import (
     TFreeDictionary,
     TFreeEmbedding,
@@ -25,6 +26,8 @@ __all__ = [
     "TFreeDictionary",
     "TFreeEmbedding",
     "TFreeHead",
+    "TFreeLM",
+    "TFreeLMConfig",
     "TrigramBatch",
     "TrigramTokenizer",
     "fast_slots",

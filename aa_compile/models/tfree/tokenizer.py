@@ -115,8 +115,17 @@ class TrigramTokenizer:
         _check_text(text, "text")
         return text_to_words(text.lower() if self.lowercase else text)
 
-    def decode(self, words: list[str]) -> str:
-        """The text of ``words`` (`wordsplit.words_to_text`)."""
+    def decode(self, words: list[str] | TrigramBatch) -> str | list[str]:
+        """The text of ``words`` (`wordsplit.words_to_text`).
+
+        ``words`` may also be what `encode` returns: a `TrigramBatch` of one text decodes to
+        that text, one of several texts to the list of their texts. The text is rebuilt from
+        the words (``decode(encode(s)) == s``, lowercased if configured, for every ``s`` free of
+        the literal control words; see `wordsplit`).
+        """
+        if isinstance(words, TrigramBatch):
+            texts = [words_to_text(words.text_words(t)) for t in range(words.n_texts)]
+            return texts[0] if len(texts) == 1 else texts
         return words_to_text(words)
 
     def hashed_whole(self, word: str) -> bool:

@@ -12,7 +12,9 @@ recomputes ``rstd`` from ``x`` instead of saving it; without ``weight`` it retur
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -60,9 +62,19 @@ def check_backward(grad: Tensor, x: Tensor, weight: Tensor | None, eps: float) -
     _check_eps(eps, "aa::rms_norm_backward")
 
 
-def _backward_reference(grad, x, weight, eps):
-    dx, dw = reference.rms_norm_backward(grad, x, weight, eps)
-    return dx, (dw if dw is not None else x.new_empty(0))
+def _dweight_or_empty(kernel: Callable) -> Callable:
+    """The backward kernels return ``dweight`` None without a weight; the op an empty tensor
+    (a custom op's outputs are tensors)."""
+
+    @functools.wraps(kernel)
+    def run(grad, x, weight, eps):
+        dx, dw = kernel(grad, x, weight, eps)
+        return dx, (dw if dw is not None else x.new_empty(0))
+
+    return run
+
+
+_backward_reference = _dweight_or_empty(reference.rms_norm_backward)
 
 
 @torch.library.custom_op("aa::rms_norm", mutates_args=())
@@ -93,13 +105,10 @@ def _(grad, x, weight, eps):
     return x.new_empty(x.shape), dw
 
 
-def _cpu_backward(grad, x, weight, eps):
-    dx, dw = cpu.rms_norm_bwd(grad, x, weight, eps)
-    return dx, (dw if dw is not None else x.new_empty(0))
-
-
+_cpu_backward = _dweight_or_empty(cpu.rms_norm_bwd)
 _triton_forward = triton_kernel(_TRITON, "rms_norm_fwd", fallback=reference.rms_norm)
-_triton_backward = triton_kernel(_TRITON, "rms_norm_bwd", fallback=reference.rms_norm_backward)
+_triton_backward = _dweight_or_empty(
+    triton_kernel(_TRITON, "rms_norm_bwd", fallback=reference.rms_norm_backward))
 
 
 def _cuda_forward(x, weight, eps, out_dtype=None):
@@ -109,10 +118,8 @@ def _cuda_forward(x, weight, eps, out_dtype=None):
 
 
 def _cuda_backward(grad, x, weight, eps):
-    if x.dtype == torch.float64:
-        return _backward_reference(grad, x, weight, eps)
-    dx, dw = _triton_backward(grad, x, weight, eps)
-    return dx, (dw if dw is not None else x.new_empty(0))
+    fn = _backward_reference if x.dtype == torch.float64 else _triton_backward
+    return fn(grad, x, weight, eps)
 
 
 register_kernels(rms_norm, check=check, cpu=cpu.rms_norm_fwd, cuda=_cuda_forward)

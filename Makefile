@@ -4,6 +4,8 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# the Triton that the CUDA build of TORCH_SPEC pins, so the AOT test compiles what GPU users get
+TRITON_SPEC ?= triton==3.7.1
 PIP_SPEC   ?= pip==26.3
 LOCK       ?= requirements.lock
 PY         := $(VENV)/bin/python
@@ -49,7 +51,7 @@ test-latest:
 lock:
 	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet $(LOCK_TOOLS)
-	echo "$(TORCH_SPEC)" > $(LOCK_VENV)/torch.in
+	printf "%s\n%s\n" "$(TORCH_SPEC)" "$(TRITON_SPEC)" > $(LOCK_VENV)/torch.in
 	$(LOCK_VENV)/bin/pip-compile --quiet --upgrade --strip-extras --allow-unsafe \
 	    --no-emit-index-url --no-emit-find-links --annotation-style=line --extra dev --extra bench \
 	    --output-file $(LOCK) pyproject.toml $(LOCK_VENV)/torch.in

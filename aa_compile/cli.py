@@ -2,8 +2,13 @@
 
     aa-compile info                 versions, devices, ops and their kernels, passes
     aa-compile report [options]     compile the reference transformer and print the report
+    aa-compile generate [options]   continue a text with a saved model (any kind)
     aa-compile explain [options]    AtMan explanation on the reference transformer (+ PNG)
     aa-compile fdtm sweep|plan|apply   DTM sensitivity sweep, compression plan, applied model
+
+``--checkpoint`` takes a saved model directory (``--out`` of every training CLI,
+`aa_compile.models.save_model`) or, for ``explain`` and ``fdtm``, the older torch file
+``{'config', 'state_dict'}``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import pickle
 import re
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
+
+from aa_compile.threads import add_threads_argument, set_threads
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -146,6 +155,79 @@ def _checkpoint_model(path: str, defaults: dict | None = None):
     return model
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _saved_model(directory: str):
+    """``(model, tokenizer, config.json)`` of a saved model directory; a DTM-compressed one
+    (``fdtm apply --out``) through `aa_compile.dtm.load_applied`."""
+    from aa_compile import dtm
+    from aa_compile.models import checkpoint
+
+    meta = checkpoint.read_config(directory)
+    model = dtm.load_applied(directory) if "dtm" in meta else checkpoint.load_model(directory)
+    return model, checkpoint.load_tokenizer(directory), meta
+
+
+#: saved kinds whose forward takes token ids (what explain and fdtm feed)
+TOKEN_KINDS = ("transformer", "umup")
+
+
+def _any_checkpoint(path: str, defaults: dict | None = None, command: str = "explain"):
+    """``(model, tokenizer or None)`` of a token-level model: a saved model directory, else
+    the older torch file."""
+    if Path(path).is_dir():
+        model, tokenizer, meta = _saved_model(path)
+        if meta["kind"] not in TOKEN_KINDS:
+            raise ValueError(f"{command} takes a model of token ids ({', '.join(TOKEN_KINDS)});"
+                             f" {path} holds a {meta['kind']} model")
+        return model, tokenizer
+    return _checkpoint_model(path, defaults), None
+
+
+def _text_tokenizer(name: str | None, saved: Any):
+    """``--tokenizer``: ``bytes``, a local Hugging Face tokenizer, else the checkpoint's, else
+    UTF-8 bytes."""
+    from aa_compile.models import ByteTokenizer
+
+    if name is None:
+        return saved if saved is not None else ByteTokenizer()
+    if name == "bytes":
+        return ByteTokenizer()
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ValueError(f"--tokenizer {name}: a Hugging Face tokenizer needs the transformers "
+                         "package") from None
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--tokenizer {name}: no such local Hugging Face tokenizer "
+                         f"({_one_line(e, 160)})") from None
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise ValueError(f"{type(tokenizer).__name__} does not turn text into token ids "
+                         "(explain needs a token-level model: transformer or umup)")
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _token_ids(text: str, option: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{option} takes token ids such as '1 2 3', got {text!r} (text goes "
+                         f"to {option.removesuffix('-ids')})") from None
+
+
 def _explain(args: argparse.Namespace) -> int:
     import torch
 
@@ -155,21 +237,33 @@ def _explain(args: argparse.Namespace) -> int:
     fields = {"vocab_size": args.vocab_size, "d_model": args.d_model, "n_layers": args.n_layers,
               "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
               "max_seq_len": args.max_seq_len}
+    saved = None
     if args.checkpoint:
-        model = _checkpoint_model(args.checkpoint, fields)
+        model, saved = _any_checkpoint(args.checkpoint, fields)
     else:
+        torch.manual_seed(args.seed)  # the same random model for the same --seed
         model = Transformer(TransformerConfig(**fields))
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise ValueError("give the prompt as --prompt (text) or --prompt-ids, not both")
+    if args.target is not None and args.target_ids is not None:
+        raise ValueError("give the target as --target (text) or --target-ids, not both")
+    texts = args.prompt is not None or args.target is not None
+    tokenizer = _text_tokenizer(args.tokenizer, saved) if texts or args.tokenizer else None
     gen = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
 
-    def ids(text, n):
-        if text:
-            return [int(t) for t in text.replace(",", " ").split()]
+    def ids(text, id_text, option, n):
+        if text is not None:
+            return _encode(tokenizer, text)
+        if id_text is not None:
+            return _token_ids(id_text, option)
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
-    prompt, target = ids(args.prompt, args.prompt_len), ids(args.target, args.target_len)
+    prompt = ids(args.prompt, args.prompt_ids, "--prompt-ids", args.prompt_len)
+    target = ids(args.target, args.target_ids, "--target-ids", args.target_len)
     exp = explain(model, prompt, target, factor=args.factor, mode=args.mode,
-                  conceptual_threshold=args.conceptual_threshold, progress=not args.json)
+                  conceptual_threshold=args.conceptual_threshold, progress=not args.json,
+                  tokenizer=tokenizer)
     print(json.dumps(exp.to_dict(), indent=2) if args.json else exp)
     if args.png:
         exp.plot(args.png)
@@ -177,43 +271,142 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fdtm_model(args: argparse.Namespace):
+def generate_text(model, tokenizer: Any, kind: str, prompt: str, max_new: int,
+                  words: list[str] | None = None) -> str:
+    """The prompt and its greedy continuation by a saved model of ``kind``: ``max_new`` words
+    (T-FREE, from ``words``), bytes (HAT) or tokens (transformer, u-μP)."""
     import torch
 
-    if args.checkpoint:
-        return _checkpoint_model(args.checkpoint).eval()
+    if max_new < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new}")
+    if kind == "tfree":
+        if tokenizer is None:
+            raise ValueError("this T-FREE checkpoint has no tokenizer saved with it")
+        out = model.generate(tokenizer, prompt, max_new, words=words or ())
+        return tokenizer.decode(tokenizer.words(prompt) + out)
+    if kind == "hat":
+        return prompt + model.generate(prompt, max_bytes=max_new)
+    ids = _encode(tokenizer, prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    out = model.generate(torch.tensor([ids], dtype=torch.int64), max_new)[0].tolist()
+    return tokenizer.decode(out)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from aa_compile.models import ByteTokenizer, load_words
+
+    if not Path(args.checkpoint).is_dir():
+        raise ValueError(f"cannot load {args.checkpoint}: generate takes a saved model "
+                         "directory (the --out of a training CLI)")
+    model, tokenizer, meta = _saved_model(args.checkpoint)
+    if meta["kind"] != "tfree":
+        tokenizer = _text_tokenizer(args.tokenizer, tokenizer)
+    elif args.tokenizer is not None:
+        raise ValueError("--tokenizer does not apply to T-FREE (it has its trigram tokenizer)")
+    words = load_words(args.checkpoint) if meta["kind"] == "tfree" else None
+    print(generate_text(model, tokenizer or ByteTokenizer(), meta["kind"], args.prompt,
+                        args.max_new_tokens, words))
+    return 0
+
+
+FDTM_DEFAULTS = {"n_prompts": 32, "prompt_len": 32, "n_tokens": 64, "seed": 0,
+                 "checkpoint": None}
+#: the fdtm settings that plan and apply take from their --input (CLI option names)
+FDTM_SETTINGS = ("n_tokens", "n_prompts", "prompt_len", "seed", "checkpoint")
+
+
+def _fdtm_model(checkpoint: str | None, seed: int):
+    """``(model, tokenizer)``: a checkpoint, else a random byte-level transformer."""
+    import torch
+
+    if checkpoint:
+        model, tokenizer = _any_checkpoint(checkpoint, command="fdtm")
+        return model.eval(), tokenizer
     from aa_compile.models import Transformer, TransformerConfig
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     return Transformer(TransformerConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
-                                         max_seq_len=512)).eval()
+                                         max_seq_len=512)).eval(), None
 
 
-def _fdtm(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _fdtm_settings(args: argparse.Namespace, recorded: dict, source: str | None) -> dict:
+    """The run's settings: the command line's, else ``recorded`` (from the --input file
+    ``source``), else the defaults; with a ``source``, prints one line saying which came from
+    where."""
+    settings, origin = {}, {}
+    for key in FDTM_SETTINGS:
+        given = getattr(args, key)
+        if given is not None:
+            settings[key], origin[key] = given, "command line"
+        elif key in recorded:
+            settings[key], origin[key] = recorded[key], source
+        else:
+            settings[key], origin[key] = FDTM_DEFAULTS[key], "default"
+    if source is None:
+        return settings
+    groups: dict[str, list[str]] = {}
+    for key in FDTM_SETTINGS:
+        groups.setdefault(origin[key], []).append(f"{key}={settings[key]}")
+    print(f"fdtm {args.action}: " + "; ".join(f"{', '.join(v)} from {k}"
+                                              for k, v in groups.items()), file=sys.stderr)
+    return settings
 
-    import torch
 
+def _fdtm_sweep(args: argparse.Namespace) -> int:
     from aa_compile import dtm
 
-    model = _fdtm_model(args)
-    prompts = dtm.byte_prompts(args.n_prompts, args.prompt_len, seed=args.seed)
+    settings = _fdtm_settings(args, {}, None)
+    model, _ = _fdtm_model(settings["checkpoint"], settings["seed"])
+    prompts = dtm.byte_prompts(settings["n_prompts"], settings["prompt_len"],
+                               seed=settings["seed"])
     out = Path(args.out)
-    if args.action == "sweep":
-        out.mkdir(parents=True, exist_ok=True)
-        res = dtm.sweep(model, prompts, args.n_tokens, args.levels.split(","),
-                        reuse=not args.no_reuse, progress=True)
-        (out / "sweep.json").write_text(json.dumps(res))
-        dtm.heatmap(res, out / "sweep.png")
-        print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
-        return 0
-    if args.action == "plan" and args.budget is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    res = dtm.sweep(model, prompts, settings["n_tokens"], args.levels.split(","),
+                    reuse=not args.no_reuse, progress=True)
+    res.update(seed=settings["seed"], checkpoint=settings["checkpoint"])
+    (out / "sweep.json").write_text(json.dumps(res))
+    dtm.heatmap(res, out / "sweep.png")
+    print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
+    return 0
+
+
+def default_tau(n_tokens: int) -> float:
+    """τ when none is given: half the generated tokens, so that a constraint on the median
+    FDT can be met at the sweep's N (N=64 gives the former default, 32)."""
+    return n_tokens / 2
+
+
+def _read_input(path: str | None, action: str, what: str) -> dict:
+    if not path:
+        raise ValueError(f"fdtm {action} needs --input ({what})")
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cannot read {path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"cannot read {path}: expected a JSON object")
+    return data
+
+
+def _fdtm_plan(args: argparse.Namespace) -> int:
+    from aa_compile import dtm
+
+    if args.budget is not None:
         # FDTM plan at a fixed budget (no sweep needed), beside uniform pruning at that sparsity
+        settings = _fdtm_settings(args, {}, None)
+        model, _ = _fdtm_model(settings["checkpoint"], settings["seed"])
+        prompts = dtm.byte_prompts(settings["n_prompts"], settings["prompt_len"],
+                                   seed=settings["seed"])
+        n = settings["n_tokens"]
         planner = dtm.refine_plan if args.budget_method == "refine" else dtm.budget_plan
-        ref = dtm.generate(model, prompts, args.n_tokens)  # the base continuations, once for both
-        res = planner(model, prompts, args.n_tokens, args.budget, reference=ref, progress=True)
+        ref = dtm.generate(model, prompts, n)  # the base continuations, once for both
+        res = planner(model, prompts, n, args.budget, reference=ref, progress=True)
         uniform = dtm.apply(model, {c: f"prune:{args.budget}" for c in dtm.find_components(model)})
-        res["uniform"] = dtm.dtm(model, uniform, prompts, args.n_tokens, reference=ref).summary()
+        res["uniform"] = dtm.dtm(model, uniform, prompts, n, reference=ref).summary()
+        res["settings"] = settings
         Path(args.out).write_text(json.dumps(res, indent=2))
         print(f"plan: {len(res['plan'])} components, {res['share_saved']:.1%} of component bytes "
               f"pruned in {res['rounds']} rounds; fdt_median={res['measured']['fdt_median']:.1f} "
@@ -221,107 +414,241 @@ def _fdtm(args: argparse.Namespace) -> int:
               f"{res['measured']['fdt_mean']:.1f} ({res['uniform']['fdt_mean']:.1f}); wrote "
               f"{args.out}")
         return 0
-    if not args.input:
-        raise ValueError(f"fdtm {args.action} needs --input (a sweep JSON for plan, a plan JSON "
-                         "for apply)")
-    data = json.loads(Path(args.input).read_text())
-    if args.action == "plan":
-        if data.get("n_prompts") != args.n_prompts or data.get("prompt_len") != args.prompt_len:
-            print("note: measuring on other prompts than the sweep's", file=sys.stderr)
-        res = dtm.plan(model, data, prompts, args.tau, args.statistic, progress=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
-        m = res["measured"]
-        print(f"plan: {len(res['plan'])} components, {res['share_saved']:.1%} of component bytes "
-              f"saved; measured {args.statistic}={m[args.statistic]:.1f} (tau={args.tau}); "
-              f"wrote {args.out}")
-        return 0
-    small = dtm.apply(model, data.get("plan", data))
-    r = dtm.dtm(model, small, prompts, args.n_tokens).summary()
-    torch.save(small, args.out)
+    data = _read_input(args.input, "plan", "the sweep JSON of fdtm sweep, or --budget")
+    if "results" not in data or "n_tokens" not in data:
+        raise ValueError(f"cannot read {args.input}: not a sweep JSON (no 'results'/'n_tokens')")
+    if args.n_tokens is not None and args.n_tokens != data["n_tokens"]:
+        raise ValueError(f"--n-tokens {args.n_tokens} differs from the sweep's n_tokens="
+                         f"{data['n_tokens']}: the plan is measured at the sweep's N")
+    settings = _fdtm_settings(args, data, args.input)
+    tau = args.tau if args.tau is not None else default_tau(settings["n_tokens"])
+    origin = "command line" if args.tau is not None else "default: n_tokens / 2"
+    print(f"fdtm plan: tau={tau:g} ({origin}), statistic={args.statistic}", file=sys.stderr)
+    model, _ = _fdtm_model(settings["checkpoint"], settings["seed"])
+    prompts = dtm.byte_prompts(settings["n_prompts"], settings["prompt_len"],
+                               seed=settings["seed"])
+    res = dtm.plan(model, data, prompts, tau, args.statistic, progress=True)
+    res["settings"] = {**settings, "tau": tau, "statistic": args.statistic, "sweep": args.input}
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    m = res["measured"]
+    print(f"plan: {len(res['plan'])} components, {res['share_saved']:.1%} of component bytes "
+          f"saved; measured {args.statistic}={m[args.statistic]:.1f} (tau={tau:g}); "
+          f"wrote {args.out}")
+    return 0
+
+
+def _fdtm_apply(args: argparse.Namespace) -> int:
+    from aa_compile import dtm
+
+    data = _read_input(args.input, "apply", "the plan JSON of fdtm plan")
+    plan = data.get("plan", data)
+    recorded = data.get("settings", {}) if isinstance(data.get("settings"), dict) else {}
+    settings = _fdtm_settings(args, recorded, args.input)
+    if args.tau is not None:
+        tau, origin = args.tau, "command line"
+    elif "tau" in recorded:
+        tau, origin = recorded["tau"], args.input
+    else:
+        tau, origin = default_tau(settings["n_tokens"]), "default: n_tokens / 2"
+    print(f"fdtm apply: tau={tau:g} ({origin})", file=sys.stderr)
+    model, tokenizer = _fdtm_model(settings["checkpoint"], settings["seed"])
+    prompts = dtm.byte_prompts(settings["n_prompts"], settings["prompt_len"],
+                               seed=settings["seed"])
+    small = dtm.apply(model, plan)
+    r = dtm.dtm(model, small, prompts, settings["n_tokens"]).summary(tau)
+    dtm.save_applied(small, plan, args.out, tokenizer=tokenizer,
+                     measured={**r, "tau": tau},
+                     training={"fdtm_apply": {**settings, "tau": tau, "plan": args.input}})
     print(json.dumps(r, indent=2))
-    print(f"wrote the compressed module (torch.save pickle) to {args.out}")
+    print(f"wrote the compressed model to {args.out}; load it with "
+          f"aa_compile.dtm.load_applied({str(args.out)!r})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aa-compile",
+        prog="aa-compile", formatter_class=HelpFormatter,
         description="aa-compile: torch.compile backend, FX passes and aa:: kernels.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="versions, devices, registered ops and passes")
+    def command(name: str, help_: str, description: str | None = None):
+        p = sub.add_parser(name, help=help_, description=description or help_,
+                           formatter_class=HelpFormatter)
+        return p
+
+    info = command("info", "versions, devices, registered ops and passes")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
 
-    report = sub.add_parser(
-        "report", help="compile the reference transformer with backend='aa' and print the report"
-    )
+    report = command("report", "compile the reference transformer with backend='aa' and print "
+                     "the report")
     _model_arguments(report, d_model=256, vocab_size=1024)
-    report.add_argument("--seq-len", type=int, default=32)
+    report.add_argument("--seq-len", type=int, default=32, help="tokens of the random input")
     report.add_argument(
         "--inner-compiler", default="eager", choices=["inductor", "eager", "aot_eager"],
-        help="what compiles the graph after the passes (default: eager, quick)",
+        help="what compiles the graph after the passes (eager: quick)",
     )
     report.add_argument("--json", action="store_true", help="print JSON")
+    add_threads_argument(report)
     report.set_defaults(func=_report)
 
-    ex = sub.add_parser(
-        "explain", help="AtMan explanation of a target continuation on the reference transformer"
-    )
-    ex.add_argument("--checkpoint", help="torch.save'd state dict, or {'config', 'state_dict'}")
-    ex.add_argument("--prompt", help="prompt token ids ('1 2 3'); default: random")
-    ex.add_argument("--target", help="target token ids; default: random")
-    ex.add_argument("--prompt-len", type=int, default=16)
-    ex.add_argument("--target-len", type=int, default=4)
-    ex.add_argument("--mode", default="log_additive", choices=["log_additive", "multiplicative"])
-    ex.add_argument("--factor", type=float, default=0.1)
-    ex.add_argument("--conceptual-threshold", type=float, default=None)
+    gen = command("generate", "continue a text with a saved model (greedy)",
+                  "Greedy continuation of --prompt by a saved model directory of any kind "
+                  "(the --out of a training CLI, or of fdtm apply).")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR",
+                     help="saved model directory (required, no default)")
+    gen.add_argument("--prompt", default="Once upon a time", help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=32,
+                     help="how much to generate: words (T-FREE), bytes (HAT) or tokens "
+                     "(transformer, u-μP)")
+    gen.add_argument("--tokenizer", default=None,
+                     help="'bytes' (UTF-8 bytes) or a local Hugging Face tokenizer "
+                     "directory/name (default: the checkpoint's, else bytes; not for T-FREE)")
+    add_threads_argument(gen)
+    gen.set_defaults(func=_generate)
+
+    ex = command("explain", "AtMan explanation of a target continuation on the reference "
+                 "transformer")
+    ex.add_argument("--checkpoint", metavar="PATH",
+                    help="saved model directory, or a torch file: a state dict or {'config', "
+                    "'state_dict'} (default: a random model of the size options below)")
+    ex.add_argument("--prompt", help="prompt text, tokenized with --tokenizer (default: "
+                    "--prompt-ids, else random ids)")
+    ex.add_argument("--target", help="target text, tokenized with --tokenizer (default: "
+                    "--target-ids, else random ids)")
+    ex.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids ('1 2 3'; default: "
+                    "random)")
+    ex.add_argument("--target-ids", metavar="IDS", help="target token ids (default: random)")
+    ex.add_argument("--tokenizer", default=None,
+                    help="'bytes' (UTF-8 bytes, for byte-level models with vocab >= 256) or a "
+                    "local Hugging Face tokenizer directory/name (default: the checkpoint's, "
+                    "else bytes)")
+    ex.add_argument("--prompt-len", type=int, default=16, help="random prompt length")
+    ex.add_argument("--target-len", type=int, default=4, help="random target length")
+    ex.add_argument("--mode", default="log_additive", choices=["log_additive", "multiplicative"],
+                    help="how a suppressed token's attention is scaled")
+    ex.add_argument("--factor", type=float, default=0.1,
+                    help="attention multiplier of a suppressed token")
+    ex.add_argument("--conceptual-threshold", type=float, default=None,
+                    help="also suppress tokens whose embeddings have cosine similarity >= this "
+                    "(default: None, off)")
     _model_arguments(ex, d_model=64, vocab_size=256)
-    ex.add_argument("--max-seq-len", type=int, default=512)
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--max-seq-len", type=int, default=512, help="random model: positions")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the random model and ids")
     ex.add_argument("--png", help="write the heat-map PNG here")
     ex.add_argument("--json", action="store_true", help="print JSON")
+    add_threads_argument(ex)
     ex.set_defaults(func=_explain)
-    fd = sub.add_parser(
-        "fdtm", help="Divergent Token Metrics: per-component sweep, plan, apply (pruning/int8)"
-    )
-    fd.add_argument("action", choices=["sweep", "plan", "apply"])
-    fd.add_argument("--checkpoint", help="{'config', 'state_dict'} of a reference transformer "
-                    "(bench/train_reference.py); default: a random byte-level one")
-    fd.add_argument("--input", help="plan: the sweep JSON; apply: the plan JSON")
-    fd.add_argument("--out", default="fdtm_out", help="sweep: folder; plan: JSON; apply: .pt")
-    fd.add_argument("--n-prompts", type=int, default=32)
-    fd.add_argument("--prompt-len", type=int, default=32)
-    fd.add_argument("--n-tokens", type=int, default=64)
-    fd.add_argument("--levels", default="prune:0.25,prune:0.5,prune:0.75,prune:0.9,2:4,int8")
-    fd.add_argument("--tau", type=float, default=32.0)
-    fd.add_argument("--budget", type=float, default=None, metavar="SHARE",
-                    help="plan: prune this share of the component weights (0-1) with an FDTM "
-                    "plan (--budget-method; no --input needed) instead of the --tau "
-                    "constraint on a sweep; also measures uniform pruning at that sparsity")
-    fd.add_argument("--budget-method", choices=["refine", "rounds"], default="refine",
-                    help="with --budget: 'refine' (default; exchanges of pruned weights between "
-                    "components starting from uniform pruning, aa_compile.dtm.refine) or "
-                    "'rounds' (the paper's rounds from the dense model, aa_compile.dtm.rounds)")
-    fd.add_argument("--statistic", default="fdt_median")
-    fd.add_argument("--no-reuse", action="store_true", help="recompute every run from scratch")
-    fd.add_argument("--seed", type=int, default=0)
-    fd.set_defaults(func=_fdtm)
+
+    fd = command("fdtm", "Divergent Token Metrics: per-component sweep, plan, apply "
+                 "(pruning/int8)",
+                 "Divergent Token Metrics: sweep measures each component at each compression, "
+                 "plan picks a compression per component, apply writes the compressed model.")
+    actions = fd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _fdtm_sweep_parser(actions)
+    _fdtm_plan_parser(actions)
+    _fdtm_apply_parser(actions)
     return parser
+
+
+def _fdtm_common(p: argparse.ArgumentParser, recorded_in: str | None) -> None:
+    """The model and prompt options; ``recorded_in``: the --input they default to."""
+    src = f"the {recorded_in}'s, else " if recorded_in else ""
+    p.add_argument("--checkpoint", metavar="PATH", default=None,
+                   help="saved model directory (bench.train_reference --out) or torch file "
+                   f"{{'config', 'state_dict'}} (default: {src}a random byte-level "
+                   "transformer)")
+    p.add_argument("--n-prompts", type=int, default=None,
+                   help=f"prompts (default: {src}{FDTM_DEFAULTS['n_prompts']})")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help=f"bytes per prompt (default: {src}{FDTM_DEFAULTS['prompt_len']})")
+    p.add_argument("--n-tokens", type=int, default=None,
+                   help=f"tokens generated per prompt, N (default: {src}"
+                   f"{FDTM_DEFAULTS['n_tokens']})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the prompts and the random model (default: {src}0)")
+    add_threads_argument(p)
+
+
+def _fdtm_sweep_parser(actions) -> None:
+    p = actions.add_parser(
+        "sweep", formatter_class=HelpFormatter,
+        help="FDT of every component at every compression level",
+        description="Measure the first divergent token (FDT) of every component at every "
+        "compression level, with only that component compressed; writes OUT/sweep.json (with "
+        "the settings plan and apply reuse) and OUT/sweep.png.")
+    _fdtm_common(p, None)
+    p.add_argument("--levels", default="prune:0.25,prune:0.5,prune:0.75,prune:0.9,2:4,int8",
+                   help="comma-separated compressions")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="recompute every run from scratch (no cached layer states)")
+    p.add_argument("--out", default="fdtm_out", metavar="DIR", help="output folder")
+    p.set_defaults(func=_fdtm_sweep)
+
+
+def _fdtm_plan_parser(actions) -> None:
+    p = actions.add_parser(
+        "plan", formatter_class=HelpFormatter,
+        help="a compression per component from a sweep (or at a fixed budget)",
+        description="Pick a compression per component: greedily from a sweep (--input) under "
+        "the constraint statistic(FDT) >= tau, or, with --budget, an FDTM plan at a fixed "
+        "share of pruned weights. Takes N, the prompts and the checkpoint from the sweep unless "
+        "given; prints where each value came from.")
+    _fdtm_common(p, "sweep")
+    p.add_argument("--input", metavar="SWEEP_JSON",
+                   help="sweep.json of fdtm sweep (default: none; required without --budget)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="the constraint statistic(FDT) >= tau (default: n_tokens / 2, which "
+                   "the sweep's N can meet)")
+    p.add_argument("--statistic", default="fdt_median",
+                   choices=["fdt_mean", "fdt_median", "fdt_p10", "fdt_p25", "share_fdt_ge_tau",
+                            "fdt_min"], help="the FDT statistic the constraint is on")
+    p.add_argument("--budget", type=float, default=None, metavar="SHARE",
+                   help="prune this share of the component weights (0-1) with an FDTM plan "
+                   "(--budget-method; no --input needed) instead of the --tau constraint on a "
+                   "sweep; also measures uniform pruning at that sparsity (default: None, off)")
+    p.add_argument("--budget-method", choices=["refine", "rounds"], default="refine",
+                   help="with --budget: 'refine' (exchanges of pruned weights between "
+                   "components starting from uniform pruning, aa_compile.dtm.refine) or "
+                   "'rounds' (the paper's rounds from the dense model, aa_compile.dtm.rounds)")
+    p.add_argument("--out", default="fdtm_plan.json", metavar="JSON", help="plan JSON to write")
+    p.set_defaults(func=_fdtm_plan)
+
+
+def _fdtm_apply_parser(actions) -> None:
+    p = actions.add_parser(
+        "apply", formatter_class=HelpFormatter,
+        help="apply a plan and save the compressed model",
+        description="Apply a plan (pruned weights, int8 linears), measure its FDT against the "
+        "base model and save it as a model directory; load it with "
+        "model = aa_compile.dtm.load_applied('DIR'). Takes N, tau, the prompts and the "
+        "checkpoint from the plan unless given.")
+    _fdtm_common(p, "plan")
+    p.add_argument("--input", metavar="PLAN_JSON", help="plan JSON of fdtm plan (required)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="tau of the reported share_fdt_ge_tau (default: the plan's, else "
+                   "n_tokens / 2)")
+    p.add_argument("--out", default="fdtm_applied", metavar="DIR",
+                   help="saved model directory to write")
+    p.set_defaults(func=_fdtm_apply)
 
 
 def _model_arguments(parser: argparse.ArgumentParser, *, d_model: int, vocab_size: int) -> None:
     """The reference transformer's size options, shared by the subcommands that build one."""
-    parser.add_argument("--d-model", type=int, default=d_model)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--n-kv-heads", type=int, default=None)
-    parser.add_argument("--vocab-size", type=int, default=vocab_size)
+    parser.add_argument("--d-model", type=int, default=d_model, help="random model: width")
+    parser.add_argument("--n-layers", type=int, default=2, help="random model: blocks")
+    parser.add_argument("--n-heads", type=int, default=4, help="random model: attention heads")
+    parser.add_argument("--n-kv-heads", type=int, default=None,
+                        help="random model: key/value heads (default: None, = --n-heads)")
+    parser.add_argument("--vocab-size", type=int, default=vocab_size,
+                        help="random model: vocabulary size")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "threads"):
+        set_threads(args.threads)
     try:
         return args.func(args)
     except (ValueError, TypeError) as e:

@@ -1,8 +1,11 @@
 """Train the reference transformer (byte-level, a few million parameters) for the DTM
 benchmarks, on CPU in minutes, and cache the checkpoint.
 
-    python -m bench.train_reference --steps 300 --out ~/.cache/aa-compile/dtm_reference.pt
+    python -m bench.train_reference --steps 300 --out runs/ref
 
+``--out DIR`` writes a saved model directory (`aa_compile.models.load_model`, ``aa-compile
+generate|explain|fdtm --checkpoint DIR`` read it); an ``--out`` ending in ``.pt`` (and the
+default, the cache path) writes the older ``{'config', 'state_dict'}`` torch file instead.
 `load_or_train` returns the cached model when the checkpoint exists (same config), trains and
 saves it otherwise. The cache folder is ``$AA_COMPILE_CACHE`` (default ``~/.cache/aa-compile``).
 Trains on the first 90% of ``aa_compile.data.text("mixed")``; DTM prompts come from the rest
@@ -21,7 +24,10 @@ from pathlib import Path
 import torch
 
 from aa_compile.data import text
+from aa_compile.models import save_model
 from aa_compile.models.transformer import Transformer, TransformerConfig
+from aa_compile.progress import progress as progress_bar
+from aa_compile.threads import add_threads_argument, set_threads
 
 DEFAULT_CONFIG = TransformerConfig(vocab_size=256, d_model=128, n_layers=6, n_heads=4,
                                    d_ff=384, max_seq_len=256)
@@ -48,7 +54,8 @@ def load(path: str | Path) -> Transformer:
 
 def train(cfg: TransformerConfig = DEFAULT_CONFIG, steps: int = 250, batch: int = 16,
           seq: int = 96, lr: float = 3e-3, seed: int = 0, progress: bool = True):
-    """AdamW, linear warm-up then cosine decay; returns ``(model, losses)``."""
+    """AdamW, linear warm-up then cosine decay; returns ``(model, losses)``, the model in eval
+    mode."""
     torch.manual_seed(seed)
     data = torch.frombuffer(bytearray(text("mixed").encode("utf-8")), dtype=torch.uint8)
     data = data[: int(len(data) * 0.9)].long()
@@ -59,11 +66,7 @@ def train(cfg: TransformerConfig = DEFAULT_CONFIG, steps: int = 250, batch: int 
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps)
                                                                       / steps)))
     losses = []
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="train reference", unit="step")
+    it = progress_bar(range(steps), desc="train reference", unit="step", disable=not progress)
     for _ in it:
         starts = torch.randint(0, len(data) - seq - 1, (batch,))
         ids = torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
@@ -74,8 +77,7 @@ def train(cfg: TransformerConfig = DEFAULT_CONFIG, steps: int = 250, batch: int 
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if progress:
-            it.set_postfix(loss=f"{losses[-1]:.3f}")
+        it.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     return model.eval(), losses
 
 
@@ -89,22 +91,48 @@ def load_or_train(path: str | Path | None = None, steps: int = 250, **kw) -> Tra
     return model
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `main`."""
+    ap = argparse.ArgumentParser(prog="python -m bench.train_reference",
+                                 description="Train the byte-level reference transformer for the "
+                                 "DTM benchmarks and save it.")
+    ap.add_argument("--steps", type=int, default=250, help="optimizer steps (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per step"
+                                                          " (default: %(default)s)")
+    ap.add_argument("--seq", type=int, default=96, help="bytes per sequence (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate"
+                                                           " (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches"
+                                                        " (default: %(default)s)")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="saved model directory to write; a path ending in .pt writes the "
+                    "torch file {'config', 'state_dict'} (default: the cache path, "
+                    f"{cache_path()})")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="write the loss curve as a PNG"
+                                                                " (default: %(default)s)")
+    add_threads_argument(ap)
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=96)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", default=None, help="checkpoint path (default: the cache path)")
-    ap.add_argument("--plot", default=None, help="write the loss curve as a PNG")
+    ap = build_parser()
     args = ap.parse_args(argv)
+    set_threads(args.threads)
     t = time.time()
-    model, losses = train(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr)
+    model, losses = train(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
+                          seed=args.seed)
+    seconds = time.time() - t
     out = Path(args.out) if args.out else cache_path()
-    save(model, out, losses=losses, seconds=time.time() - t, steps=args.steps)
+    if out.suffix == ".pt":
+        save(model, out, losses=losses, seconds=seconds, steps=args.steps)
+    else:
+        save_model(model, out, tokenizer="bytes",
+                   training={"args": vars(args), "steps": args.steps, "seconds": seconds,
+                             "final_loss": losses[-1] if losses else None})
     n = sum(p.numel() for p in model.parameters())
-    print(f"{n / 1e6:.2f}M parameters, loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f} "
-          f"in {time.time() - t:.0f}s; saved {out}")
+    tail = losses[-20:]
+    print(f"{n / 1e6:.2f}M parameters, loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f} "
+          f"in {seconds:.0f}s; saved {out}" if losses else f"0 steps; saved {out}")
     if args.plot:
         import matplotlib
 
@@ -113,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
 
         plt.figure(figsize=(5, 3))
         plt.plot(losses)
+        plt.title("reference transformer: training loss")
         plt.xlabel("step")
         plt.ylabel("loss (nats/byte)")
         plt.tight_layout()
         plt.savefig(args.plot, dpi=120)
+        plt.close()
     return 0
 
 

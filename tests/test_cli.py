@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aa_compile.cli import main
+from aa_compile.cli import build_parser, main
+from aa_compile.models import Transformer, TransformerConfig, save_model
 
 
 def test_info_lists_ops_and_passes(capsys):
@@ -102,3 +103,86 @@ def test_unreadable_checkpoint_exit_code_in_a_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"aa-compile: error: cannot read checkpoint {path}: corrupt or not a torch.save file"]
+
+
+# -- help, defaults, --threads (issue 16) ------------------------------------------------------
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "aa-compile"):
+    """``(name, parser)`` for ``parser`` and every sub-command's parser below it."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def test_every_option_has_help_and_shows_its_default():
+    seen = []
+    for name, parser in _parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not action.option_strings:  # positionals
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help text"
+            shown = formatter._expand_help(action)
+            assert "default" in shown, f"{name} {action.option_strings[0]}: {shown!r}"
+            seen.append(name)
+    assert {"aa-compile generate", "aa-compile fdtm plan", "aa-compile explain"} <= set(seen)
+
+
+def test_fdtm_actions_have_their_own_help(capsys):
+    helps = {}
+    for action in ("sweep", "plan", "apply"):
+        with pytest.raises(SystemExit):
+            main(["fdtm", action, "--help"])
+        helps[action] = capsys.readouterr().out
+    assert len(set(helps.values())) == 3
+    assert "--levels" in helps["sweep"] and "--levels" not in helps["plan"]
+    assert "--budget" in helps["plan"] and "--budget" not in helps["apply"]
+    assert "load_applied" in helps["apply"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["report"], ["explain"], ["generate", "--checkpoint", "d"], ["fdtm", "sweep"],
+    ["fdtm", "plan"], ["fdtm", "apply"],
+])
+def test_threads_option(argv):
+    assert build_parser().parse_args([*argv, "--threads", "3"]).threads == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--threads", "0"])
+
+
+def test_threads_are_set(capsys):
+    n = torch.get_num_threads()
+    try:
+        assert main(["report", "--n-layers", "1", "--d-model", "32", "--json", "--threads",
+                     "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_generate_needs_a_saved_model_directory(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "m.pt")]) == 2
+    assert "generate takes a saved model directory" in capsys.readouterr().err
+    (tmp_path / "d").mkdir()
+    assert main(["generate", "--checkpoint", str(tmp_path / "d")]) == 2
+    assert "config.json: no such file" in capsys.readouterr().err
+
+
+def test_generate_with_a_saved_transformer(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2,
+                                          max_seq_len=64)).eval()
+    save_model(model, tmp_path / "m")
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "Hi",
+                 "--max-new-tokens", "5"]) == 0
+    ids = model.generate(torch.tensor([[72, 105]]), 5)[0].tolist()  # "Hi" in UTF-8 by hand
+    expected = bytes(ids).decode("utf-8", errors="replace")
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--max-new-tokens",
+                 "-1"]) == 2
+    assert "--max-new-tokens must be >= 0" in capsys.readouterr().err

@@ -9,11 +9,13 @@ with activation reuse, a planner that picks pruning / int8 per component, and `a
     b = dtm.budget_plan(model, prompts, 64, share=0.5)               # FDTM rounds, fixed budget
     r = dtm.refine_plan(model, prompts, 64, share=0.5)               # exchanges from uniform
     small = dtm.apply(model, p["plan"])                               # Int8Linear + pruned weights
+    dtm.save_applied(small, p["plan"], "runs/small")                  # a saved model directory
+    small = dtm.load_applied("runs/small")                            # ... and back
 
 Definitions: ``docs/dtm.md`` and `aa_compile.dtm.metrics`.
 """
 
-from .apply import Int8Linear, apply, check_plan
+from .apply import Int8Linear, apply, check_plan, load_applied, save_applied
 from .components import Component, Compression, find_components, parse
 from .data import byte_prompts
 from .metrics import DTMResult, divergence, dtm, generate, summarize, teacher_forced
@@ -39,9 +41,11 @@ __all__ = [
     "generate",
     "greedy_plan",
     "heatmap",
+    "load_applied",
     "parse",
     "plan",
     "refine_plan",
+    "save_applied",
     "summarize",
     "sweep",
     "teacher_forced",

@@ -2,17 +2,30 @@
 
 A **plan** maps component names (see `find_components`) to compression specs (``"prune:0.5"``,
 ``"2:4"``, ``"int8"``, ``"none"``). `apply` works on a deep copy unless ``inplace=True``.
+`save_applied` writes the result as a saved model directory (`aa_compile.models.save_model`
+plus the plan in its ``config.json``), which one line loads back::
+
+    model = aa_compile.dtm.load_applied("DIR")
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import aa_compile.ops  # noqa: F401  (defines aa::int8_linear)
 from aa_compile.kernels.int8_linear.reference import quantize_absmax
+from aa_compile.models.checkpoint import (
+    CONFIG_FILE,
+    load_state,
+    model_from_config,
+    read_config,
+    save_model,
+)
 
 from .components import compressed_weight, find_components, parse, set_weight_oi, weight_oi
 
@@ -53,7 +66,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def check_plan(model: nn.Module, plan: dict) -> dict:
     """Validate ``plan`` against ``model``'s components; returns ``{name: Compression}``."""
     if not isinstance(plan, dict):
-        raise TypeError(f"plan must be a dict {{component: compression}}, got {type(plan).__name__}")
+        raise TypeError(f"plan must be a dict {{component: compression}}, got "
+                        f"{type(plan).__name__}")
     comps = find_components(model)
     missing = [n for n in plan if n not in comps]
     if missing:
@@ -76,3 +90,37 @@ def apply(model: nn.Module, plan: dict, inplace: bool = False) -> nn.Module:
             w = weight_oi(mod).detach()
             _set_submodule(model, name, Int8Linear.from_weight(w, getattr(mod, "bias", None)))
     return model
+
+
+def save_applied(model: nn.Module, plan: dict, directory: str | Path, *, tokenizer: Any = None,
+                 measured: dict | None = None, training: dict | None = None) -> Path:
+    """Write ``model`` (``apply(base, plan)``) to ``directory``: its weights (``Int8Linear``
+    buffers included) and, in ``config.json``, the base config and ``{"dtm": {"plan",
+    "measured"}}``. `load_applied` reads it."""
+    if not isinstance(plan, dict):
+        raise TypeError(f"plan must be a dict {{component: compression}}, got "
+                        f"{type(plan).__name__}")
+    dtm = {"plan": {n: parse(c).spec for n, c in plan.items()}}
+    if measured is not None:
+        dtm["measured"] = measured
+    return save_model(model, directory, tokenizer=tokenizer, training=training,
+                      extra={"dtm": dtm})
+
+
+def load_applied(directory: str | Path) -> nn.Module:
+    """The compressed model `save_applied` (``aa-compile fdtm apply --out DIR``) wrote, in
+    eval mode: the base model rebuilt from its config, the plan applied, the weights loaded
+    strictly (bit-exact)."""
+    meta = read_config(directory)
+    info = meta.get("dtm")
+    if not isinstance(info, dict) or not isinstance(info.get("plan"), dict):
+        raise ValueError(f"cannot load {Path(directory) / CONFIG_FILE} with load_applied: it "
+                         "has no DTM plan (a plain saved model: use "
+                         "aa_compile.models.load_model)")
+    model = model_from_config(directory, meta)
+    try:
+        model = apply(model, info["plan"], inplace=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot load {Path(directory) / CONFIG_FILE}: bad DTM plan: {e}") \
+            from None
+    return load_state(model, directory).eval()

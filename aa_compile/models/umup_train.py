@@ -1,11 +1,13 @@
 """Train a tiny u-μP transformer on byte-level tokens of a local corpus (CPU is enough).
 
-    python -m aa_compile.models.umup_train --steps 300 --backend aa --plot loss.png
+    python -m aa_compile.models.umup_train --steps 300 --backend aa --plot loss.png --out runs/umup
 
 Tokens are the UTF-8 bytes of `aa_compile.data.text(language)` (vocabulary 0..255, nothing to
 download). Adam(W) with the u-μP per-parameter learning rates (`umup_param_groups`), a global
 η of O(1), a short linear warm-up and cosine decay. `train` is the same loop as a function: it
-returns the per-step losses and a held-out loss, the numbers an FP8 run is compared against.
+returns the trained model, the per-step losses and a held-out loss, the numbers an FP8 run is
+compared against. ``--fp8 MODE`` trains with the aa backend's FP8 linears (option ``fp8``);
+``--out DIR`` saves the model (`aa_compile.models.load_model` reads it).
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ import torch
 
 from aa_compile.data import LANGUAGES, text
 from aa_compile.plotting import plot_loss_curve
+from aa_compile.progress import progress as progress_bar
+from aa_compile.threads import add_threads_argument, set_threads
 
+from .checkpoint import save_model
 from .umup import UmupConfig, UmupTransformer, umup_param_groups
 
 BACKENDS = ("eager", "inductor", "aa")
+#: the aa backend's ``fp8`` option values (aa_compile.config.FP8_MODES; "none": off)
+FP8_MODES = ("none", "static", "tensorwise", "rowwise")
 
 
 @dataclasses.dataclass
@@ -106,12 +113,8 @@ def train(config: UmupConfig | None = None, *, steps: int = 300, batch: int = 8,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc=f"u-μP d={config.d_model} L={config.n_layers} ({backend})",
-                   unit="step")
+    bar = progress_bar(total=steps, desc=f"u-μP d={config.d_model} L={config.n_layers} "
+                       f"({backend})", unit="step") if progress else None
     start = time.perf_counter()
     for _ in range(steps):
         loss = loss_fn(windows(train_tokens, batch, seq + 1, g))
@@ -122,7 +125,7 @@ def train(config: UmupConfig | None = None, *, steps: int = 300, batch: int = 8,
         losses.append(loss.item())
         if bar is not None:
             bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -138,25 +141,60 @@ def plot(losses: list[float], path: str, title: str = "u-μP training loss") -> 
     plot_loss_curve(losses, path, title, "cross-entropy (nats / byte)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `main`."""
     p = argparse.ArgumentParser(prog="python -m aa_compile.models.umup_train",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq", type=int, default=128, help="bytes per sequence")
-    p.add_argument("--lr", type=float, default=1.0, help="global u-μP learning rate η")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--backend", choices=BACKENDS, default="eager")
-    p.add_argument("--language", choices=LANGUAGES, default="en")
-    p.add_argument("--width", type=int, default=128, help="d_model")
-    p.add_argument("--depth", type=int, default=2, help="transformer blocks")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default="The function returns")
-    p.add_argument("--generate", type=int, default=60, help="bytes to generate after training")
-    p.add_argument("--plot", metavar="PNG", help="write the loss curve to this file")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=128, help="bytes per sequence (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1.0, help="global u-μP learning rate η"
+                                                         " (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay"
+                                                                   " (default: %(default)s)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="eager, or torch.compile with inductor or aa; auto: aa with --fp8, "
+                   "else eager (default: %(default)s)")
+    p.add_argument("--fp8", choices=FP8_MODES, default="none",
+                   help="train the linears in FP8 with the aa backend (its fp8 option; see "
+                   "docs/fp8.md); none: full precision (default: %(default)s)")
+    p.add_argument("--inner-compiler", choices=("inductor", "eager", "aot_eager"),
+                   default="inductor", help="backend aa: what compiles the graph after its "
+                   "passes (eager: quick to start) (default: %(default)s)")
+    p.add_argument("--language", choices=LANGUAGES, default="en",
+                   help="training corpus (aa_compile.data.text) (default: %(default)s)")
+    p.add_argument("--width", type=int, default=128, help="d_model (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=2, help="transformer blocks (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="key/value heads (grouped-query attention); None: --heads"
+                        " (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches"
+                                                       " (default: %(default)s)")
+    p.add_argument("--prompt", default="The function returns",
+                   help="text to continue after training (default: %(default)s)")
+    p.add_argument("--generate", type=int, default=60,
+                   help="bytes to generate after training (0: none) (default: %(default)s)")
+    p.add_argument("--plot", metavar="PNG", help="write the loss curve to this file"
+                                                 " (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="save the trained model to this directory "
+                   "(aa_compile.models.load_model reads it) (default: %(default)s)")
+    add_threads_argument(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    backend = args.backend if args.backend != "auto" else "aa" if args.fp8 != "none" else "eager"
+    if args.fp8 != "none" and backend != "aa":
+        p.error(f"--fp8 {args.fp8} needs --backend aa (or auto), got --backend {backend}")
+    options = None
+    if backend == "aa":
+        options = {"inner_compiler": args.inner_compiler}
+        if args.fp8 != "none":
+            options["fp8"] = args.fp8
+    threads = set_threads(args.threads)
     try:
         config = UmupConfig(vocab_size=256, d_model=args.width, n_layers=args.depth,
                             n_heads=args.heads, n_kv_heads=args.kv_heads,
@@ -164,16 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     res = train(config, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-                weight_decay=args.weight_decay, backend=args.backend, language=args.language,
-                seed=args.seed, progress=True)
+                weight_decay=args.weight_decay, backend=backend, options=options,
+                language=args.language, seed=args.seed, progress=True)
     n = len(res.losses)
     if n:
         k = max(1, n // 10)
         first = sum(res.losses[:k]) / k
-        print(f"{n} steps in {res.seconds:.1f} s ({res.seconds / n * 1e3:.0f} ms/step); "
-              f"mean loss of the first {k} steps {first:.3f}, of the last {k} "
-              f"{res.final_loss:.3f}; held-out {res.eval_loss:.3f} nats/byte "
-              f"(uniform: {math.log(256):.3f})")
+        print(f"{n} steps in {res.seconds:.1f} s ({res.seconds / n * 1e3:.0f} ms/step, "
+              f"{threads} threads, backend {backend}, fp8 {args.fp8}); mean loss of the first "
+              f"{k} steps {first:.3f}, of the last {k} {res.final_loss:.3f}; held-out "
+              f"{res.eval_loss:.3f} nats/byte (uniform: {math.log(256):.3f})")
     if args.plot:
         plot(res.losses, args.plot)
         print(f"loss curve: {args.plot}")
@@ -181,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.tensor([list(args.prompt.encode("utf-8"))], dtype=torch.int64)
         out = res.model.generate(ids, args.generate)[0].tolist()
         print("generated:", repr(bytes(out).decode("utf-8", errors="replace")))
+    if args.out:
+        training = {"args": vars(args), "backend": backend, "steps": n,
+                    "final_loss": res.final_loss if n else None, "eval_loss": res.eval_loss}
+        save_model(res.model, args.out, tokenizer="bytes", training=training)
+        print(f"saved the model to {args.out}")
     return 0
 
 

@@ -1,12 +1,13 @@
 """Train a tiny HAT on the offline corpus (CPU is enough): the loss must fall.
 
     python -m aa_compile.models.hat.train --steps 300 --backend eager --language mixed \
-        --plot hat_loss.png
+        --plot hat_loss.png --out runs/hat
 
 Each step packs ``--docs`` windows of at most ``--window`` bytes, each starting and ending at a
 word boundary of the splitter's words, into one `ByteBatch` (one document per window, so no
 attention crosses windows) and takes an AdamW step on the next-byte loss. `train` returns the
-loss curve; ``--plot`` writes it as a PNG (needs matplotlib), ``--json`` as JSON.
+trained model with its loss curve; ``--plot`` writes the curve as a PNG (needs matplotlib),
+``--json`` as JSON, ``--out`` saves the model (`aa_compile.models.load_model` reads it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import numpy as np
 import torch
 
 from aa_compile.data import LANGUAGES, text
+from aa_compile.progress import progress as progress_bar
+from aa_compile.threads import add_threads_argument, set_threads
+
+from ..checkpoint import save_model
 
 from .batch import ByteBatch
 from .config import HATConfig
@@ -73,6 +78,12 @@ class TrainResult:
     steps: int
     bytes_seen: int
     parameters: int
+    model: HATModel | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """The loss curve and timing (everything but the model), JSON-able."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "model"}
 
     def summary(self) -> str:
         k = max(1, len(self.losses) // 10)
@@ -87,15 +98,14 @@ class TrainResult:
 def train(steps: int = 300, backend: str = "eager", language: str = "mixed", docs: int = 8,
           window: int = 128, lr: float = 3e-3, seed: int = 0, config: HATConfig | None = None,
           progress: bool = True) -> TrainResult:
-    """Train ``HATModel(config or HATConfig.tiny())``; return its loss per step."""
+    """Train ``HATModel(config or HATConfig.tiny())``; return it (``.model``) with its loss
+    per step."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     model = HATModel(config or HATConfig.tiny())
     windows = WordWindows(text(language), model.splitter, window, seed)
@@ -106,7 +116,7 @@ def train(steps: int = 300, backend: str = "eager", language: str = "mixed", doc
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     losses, n_bytes = [], 0
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"HAT {backend}", disable=not progress)
+    bar = progress_bar(range(steps), desc=f"HAT {backend}", unit="step", disable=not progress)
     for _ in bar:
         batch = windows.sample(docs)
         loss = loss_fn(batch)
@@ -117,23 +127,28 @@ def train(steps: int = 300, backend: str = "eager", language: str = "mixed", doc
         sched.step()
         losses.append(float(loss.detach()))
         n_bytes += batch.n_bytes
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     seconds = time.perf_counter() - start
-    return TrainResult(losses, seconds, steps, n_bytes, model.num_parameters()["total"])
+    return TrainResult(losses, seconds, steps, n_bytes, model.num_parameters()["total"],
+                       model.eval())
 
 
 def plot(result: TrainResult, path: str, title: str = "HAT tiny") -> None:
-    """Write the loss curve (and a 10-step moving average) to a PNG."""
+    """Write the loss curve to a PNG, with its moving average (over up to 10 steps) when the
+    run is long enough for that to be a line of its own (at least 4 steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    losses = result.losses
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(result.losses, lw=0.8, alpha=0.5, label="loss")
-    k = min(10, len(result.losses))
-    avg = np.convolve(result.losses, np.ones(k) / k, mode="valid")
-    ax.plot(range(k - 1, len(result.losses)), avg, lw=1.5, label=f"{k}-step mean")
+    ax.plot(range(len(losses)), losses, lw=0.8, alpha=0.5, label="loss",
+            marker="o" if len(losses) == 1 else None)  # a single point is no line
+    k = min(10, len(losses) // 2)
+    if k >= 2:  # the mean has len - k + 1 >= 3 points
+        avg = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(range(k - 1, len(losses)), avg, lw=1.5, label=f"{k}-step mean")
     ax.set(xlabel="step", ylabel="next-byte loss (nats)", title=title)
     ax.legend()
     fig.tight_layout()
@@ -141,26 +156,43 @@ def plot(result: TrainResult, path: str, title: str = "HAT tiny") -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `main`."""
     p = argparse.ArgumentParser(prog="python -m aa_compile.models.hat.train",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="eager",
-                   help="eager, or torch.compile with inductor or aa (default eager)")
+                   help="eager, or torch.compile with inductor or aa (default: %(default)s)")
     p.add_argument("--language", choices=LANGUAGES, default="mixed",
-                   help="corpus of aa_compile.data.text (default mixed)")
-    p.add_argument("--docs", type=int, default=8, help="windows (documents) per batch")
-    p.add_argument("--window", type=int, default=128, help="bytes per window, at most")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="PNG", help="write the loss curve to this PNG")
-    p.add_argument("--json", metavar="FILE", help="write the loss curve and timing as JSON")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a "
-                   "machine whose cores are busy with other work)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="corpus of aa_compile.data.text (default: %(default)s)")
+    p.add_argument("--docs", type=int, default=8, help="windows (documents) per batch"
+                                                       " (default: %(default)s)")
+    p.add_argument("--window", type=int, default=128, help="bytes per window, at most"
+                                                           " (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate"
+                                                          " (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches"
+                                                       " (default: %(default)s)")
+    p.add_argument("--plot", metavar="PNG", help="write the loss curve to this PNG"
+                                                 " (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write the loss curve and timing as JSON"
+                                                  " (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="save the trained model to this directory "
+                   "(aa_compile.models.load_model reads it) (default: %(default)s)")
+    p.add_argument("--prompt", default="The function returns",
+                   help="text to continue after training (default: %(default)s)")
+    p.add_argument("--generate", type=int, default=0,
+                   help="bytes to generate after training (0: none) (default: %(default)s)")
+    add_threads_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar"
+                                                              " (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = train(args.steps, args.backend, args.language, args.docs, args.window, args.lr,
                    args.seed, progress=not args.no_progress)
     print(result.summary())
@@ -169,8 +201,16 @@ def main(argv: list[str] | None = None) -> TrainResult:
         print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**dataclasses.asdict(result), "args": vars(args)}, f)
+            json.dump({**result.to_dict(), "args": vars(args)}, f)
         print(f"wrote {args.json}")
+    if args.generate:
+        print("generated:", repr(args.prompt + result.model.generate(args.prompt,
+                                                                     args.generate)))
+    if args.out:
+        training = {"args": vars(args), "steps": result.steps,
+                    "final_loss": result.losses[-1] if result.losses else None}
+        save_model(result.model, args.out, training=training)
+        print(f"saved the model to {args.out}")
     return result
 
 

@@ -14,11 +14,16 @@ from .reference import E4M3, E5M2
 
 def cuda_capability_problem(device: torch.device) -> str | None:
     """Why the CUDA ``device`` has no FP8 tensor cores (compute capability < 8.9), or None."""
-    cap = torch.cuda.get_device_capability(device)
-    if cap >= (8, 9):
+    return capability_problem(torch.cuda.get_device_capability(device), str(device))
+
+
+def capability_problem(cap: tuple[int, int], where: str) -> str | None:
+    """Why a GPU of compute capability ``cap`` (named ``where`` in the message) has no FP8
+    tensor cores (capability < 8.9), or None."""
+    if tuple(cap) >= (8, 9):
         return None
     return (f"FP8 matmul needs a GPU with compute capability >= 8.9 (Ada, Hopper or newer); "
-            f"{device} is sm_{cap[0]}{cap[1]}. Use F.linear in bfloat16 there, or run on CPU")
+            f"{where} is sm_{cap[0]}{cap[1]}. Use F.linear in bfloat16 there, or run on CPU")
 
 
 def gemm(gemm_nt: Callable, a: Tensor, bt: Tensor, a_fmt, b_fmt, scaling: str,

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from aa_compile.kernels import triton_target
+
 from . import compose, reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -117,25 +119,41 @@ def _fp8_gemm_nt_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mp[:, None] & mq[None, :])
 
 
-def _blocks(p: int, q: int, r: int) -> tuple[int, int, int, int, int]:
+#: register spill stores (bytes per thread) each kernel may have in the AOT compile check
+AOT_SPILL_BUDGET: dict[str, int] = {}
+#: most pipeline stages of the GEMM's K loop
+MAX_STAGES = 4
+
+
+def _blocks(p: int, elem: int, device: torch.device) -> tuple[int, int, int, int, int]:
     """``(BLOCK_P, BLOCK_Q, BLOCK_R, num_warps, num_stages)``: small tiles in the interpreter
-    (every tile is a numpy call), Hopper-sized ones on a GPU."""
-    if _INTERPRET:
+    (every tile is a numpy call); on a GPU 128-wide output tiles, with as many stages of the
+    ``[BLOCK_P + BLOCK_Q, BLOCK_R]`` input tiles (``elem`` bytes per element, before the
+    quantisation) as the target's shared memory holds, up to `MAX_STAGES`."""
+    cc = triton_target.capability(device)
+    if cc is None:
         return 16, 16, 32, 1, 1
-    bp = 128 if p > 64 else 64
-    return bp, 128, 128, 8, 3
+    bp, bq, br = (128 if p > 64 else 64), 128, 64
+    limit = triton_target.shared_memory_limit(cc)
+    while br > 16 and limit // ((bp + bq) * br * elem) < 2:
+        br //= 2
+    stages = max(1, min(MAX_STAGES, limit // ((bp + bq) * br * elem)))
+    return bp, bq, br, 8, stages
 
 
 def check_device(device: torch.device) -> None:
-    """ValueError unless ``device`` is a CUDA device with FP8 tensor cores (sm_89+), or the
-    interpreter runs (CPU tensors)."""
+    """ValueError unless the launch targets a GPU with FP8 tensor cores (sm_89+: a CUDA device,
+    or the capability `triton_target.assume` names), or the interpreter runs (CPU tensors)."""
+    cc = triton_target.capability(device)
+    if cc is not None:
+        where = str(device) if device.type == "cuda" else "the target GPU"
+        problem = compose.capability_problem(cc, where)
+        if problem is not None:
+            raise ValueError(problem)
+        return
     if device.type == "cpu" and _INTERPRET:
         return
-    if device.type != "cuda":
-        raise ValueError(f"the Triton FP8 kernel runs on CUDA devices, got {device}")
-    problem = compose.cuda_capability_problem(device)
-    if problem is not None:
-        raise ValueError(problem)
+    raise ValueError(f"the Triton FP8 kernel runs on CUDA devices, got {device}")
 
 
 def gemm_nt(a: Tensor, bt: Tensor, a_fmt: torch.dtype, b_fmt: torch.dtype, scaling: str,
@@ -143,13 +161,13 @@ def gemm_nt(a: Tensor, bt: Tensor, a_fmt: torch.dtype, b_fmt: torch.dtype, scali
             out_dtype: torch.dtype, *, emulate_fp8: bool | None = None) -> Tensor:
     """``out [P, Q] = mult * dq(q(a)) @ dq(q(bt))^T + bias`` (see `reference.gemm_nt`).
 
-    ``emulate_fp8``: None = emulate exactly when running in the Triton interpreter.
+    ``emulate_fp8``: None = emulate exactly when the launch runs in the Triton interpreter.
     """
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype: expected float32, bfloat16 or float16, got {out_dtype}")
     check_device(a.device)
     if emulate_fp8 is None:
-        emulate_fp8 = _INTERPRET
+        emulate_fp8 = not triton_target.is_gpu_launch(a.device)
     p, r = a.shape
     q = bt.shape[0]
     out = torch.empty((p, q), dtype=out_dtype, device=a.device)
@@ -172,7 +190,7 @@ def gemm_nt(a: Tensor, bt: Tensor, a_fmt: torch.dtype, b_fmt: torch.dtype, scali
         bias = bias.to(out_dtype).contiguous()
     fa = _FMT[a_fmt]
     fb = _FMT[b_fmt]
-    bp, bq, br, warps, stages = _blocks(p, q, r)
+    bp, bq, br, warps, stages = _blocks(p, a.element_size(), a.device)
     grid = (triton.cdiv(p, bp) * triton.cdiv(q, bq),)
     _fp8_gemm_nt_kernel[grid](
         a, bt, out, bias if bias is not None else out,

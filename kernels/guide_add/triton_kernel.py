@@ -17,12 +17,14 @@ from torch import Tensor
 
 from .reference import check_inputs, check_norm
 
-#: widest row the fused kernels hold in registers
-MAX_FUSED_D = 16384
+#: widest row the fused kernels hold in registers (wider rows would spill in the backward)
+MAX_FUSED_D = 8192
 #: widest column block of the plain kernels
 MAX_BLOCK_D = 512
 #: elements of one fused tile (rows x padded row width)
 _FUSED_TILE = 8192
+#: register spill stores (bytes per thread) each kernel may have in the AOT compile check
+AOT_SPILL_BUDGET: dict[str, int] = {}
 
 
 @triton.jit
@@ -143,10 +145,14 @@ def _plain_launch(d: int) -> tuple[int, int, int]:
     return 8, block_d, 4 if block_d >= 256 else 2
 
 
-def _fused_launch(d: int) -> tuple[int, int, int]:
+def _fused_launch(d: int, backward: bool) -> tuple[int, int, int]:
+    """``(BLOCK_L, BLOCK_D, num_warps)`` of the fused kernels: a tile of up to `_FUSED_TILE`
+    elements, 16 per thread in the forward, 8 in the backward (up to 32 warps), whose row
+    tiles and ``dg``/``dweight`` accumulators must stay in registers too."""
     block_d = max(triton.next_power_of_2(d), 16)
     block_l = max(1, min(16, _FUSED_TILE // block_d))
-    return block_l, block_d, min(max(block_l * block_d // 512, 1), 16)
+    per_thread, most = (256, 32) if backward else (512, 16)
+    return block_l, block_d, min(max(block_l * block_d // per_thread, 1), most)
 
 
 def guide_add_fwd(x: Tensor, g: Tensor, word_offsets: Tensor) -> Tensor:
@@ -217,7 +223,7 @@ def guide_add_rms_norm_fwd(x: Tensor, g: Tensor, word_offsets: Tensor, weight: T
     n_words = g.shape[0]
     if t == 0 or n_words == 0:
         return y, normed
-    block_l, block_d, warps = _fused_launch(d)
+    block_l, block_d, warps = _fused_launch(d, backward=False)
     _guide_add_rms_norm_fwd_kernel[(n_words,)](
         x.contiguous(), g.contiguous(), word_offsets.contiguous(),
         weight.contiguous() if weight is not None else x, y, normed, d, float(eps),
@@ -252,7 +258,7 @@ def guide_add_rms_norm_bwd(grad_y: Tensor | None, grad_normed: Tensor | None, y:
     has_w = weight is not None and grad_normed is not None
     partial = torch.zeros(programs if has_w else 0, d, dtype=torch.float32, device=y.device)
     if n_words and t:
-        block_l, block_d, warps = _fused_launch(d)
+        block_l, block_d, warps = _fused_launch(d, backward=True)
         _guide_add_rms_norm_bwd_kernel[(programs,)](
             grad_y.contiguous() if grad_y is not None else y,
             grad_normed.contiguous() if grad_normed is not None else y,
@@ -268,3 +274,4 @@ def guide_add_rms_norm_bwd(grad_y: Tensor | None, grad_normed: Tensor | None, y:
         dweight = (partial.sum(0) if has_w else torch.zeros(d)).to(weight.dtype)
         dweight = dweight.to(weight.device)
     return dx, dg, dweight
+

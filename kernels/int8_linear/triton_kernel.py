@@ -13,7 +13,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from aa_compile.kernels import triton_target
 from torch import Tensor
+
+#: register spill stores (bytes per thread) each kernel may have in the AOT compile check
+AOT_SPILL_BUDGET: dict[str, int] = {}
 
 
 @triton.jit
@@ -48,6 +52,16 @@ def _int8_linear_kernel(
              acc.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+def _launch(m: int, x: Tensor) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)``: 16 rows for decode-sized ``m``, else 64. On a
+    GPU float32 takes 32-deep K steps (its IEEE dot runs on the FMA units, each thread holding
+    its operands whole) and, for 64 rows, 8 warps."""
+    bm = 16 if m <= 16 else 64
+    if triton_target.is_gpu_launch(x.device) and x.dtype == torch.float32:
+        return bm, 64, 32, 4 if bm == 16 else 8
+    return bm, 64, 64, 4
+
+
 def int8_linear(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     k = x.shape[-1]
     n = w_int8.shape[0]
@@ -55,8 +69,7 @@ def int8_linear(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) 
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
-        bm = 16 if m <= 16 else 64
-        bn, bk = 64, 64
+        bm, bn, bk, warps = _launch(m, x)
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
         scales = scales.contiguous()  # the kernel reads scales and bias with unit stride
         _int8_linear_kernel[grid](
@@ -65,6 +78,6 @@ def int8_linear(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) 
             x2.stride(0), x2.stride(1), w_int8.stride(0), w_int8.stride(1),
             out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, LOW=x.dtype in (torch.float16, torch.bfloat16),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         )
     return out.reshape(*x.shape[:-1], n)

@@ -8,10 +8,12 @@ float32 (no TF32); float64 is refused (the op routes it to :mod:`.blocked`). Des
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from aa_compile.kernels import triton_target
 from torch import Tensor
 
 from .layout import bounds
@@ -19,9 +21,31 @@ from .layout import bounds
 _LOG2E = 1.4426950408889634
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
-#: query / key rows per block on a GPU (the interpreter, i.e. tests on CPU, uses 16)
-BLOCK_M = 64
-BLOCK_N = 64
+
+class Launch(NamedTuple):
+    """Tiles and pipeline of one kernel launch: query rows, key rows, warps, stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+#: the interpreter (tests on CPU): small tiles, every tile is a numpy call
+INTERPRETER_LAUNCH = Launch(16, 16, 4, 1)
+#: GPU launches per kernel, best first; the first whose shared memory fits the target is taken.
+#: Half types multiply on tensor cores; float32 ("ieee") dots run on the FMA units, whose
+#: operands each thread holds whole, so their tiles are smaller (no register spills at D 128).
+GPU_LAUNCHES: dict[tuple[str, bool], tuple[Launch, ...]] = {
+    ("fwd", True): (Launch(64, 64, 4, 3), Launch(64, 64, 4, 2), Launch(32, 32, 4, 1)),
+    ("dkdv", True): (Launch(32, 64, 8, 2), Launch(32, 64, 8, 1), Launch(16, 32, 4, 1)),
+    ("dq", True): (Launch(64, 64, 8, 2), Launch(64, 64, 8, 1), Launch(32, 32, 4, 1)),
+    ("fwd", False): (Launch(32, 32, 4, 2), Launch(32, 32, 4, 1), Launch(16, 16, 4, 1)),
+    ("dkdv", False): (Launch(16, 32, 4, 1),),
+    ("dq", False): (Launch(32, 32, 8, 2), Launch(32, 32, 8, 1), Launch(16, 16, 4, 1)),
+}
+#: register spill stores (bytes per thread) each kernel may have in the AOT compile check
+AOT_SPILL_BUDGET: dict[str, int] = {}
 
 
 @triton.jit
@@ -166,12 +190,38 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_LO, T, HQ, HKV, GROUP, D, sc
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _config(q: Tensor):
-    interp = q.device.type != "cuda"
-    bm, bn = (16, 16) if interp else (BLOCK_M, BLOCK_N)
+def shared_memory_bound(kernel: str, launch: Launch, block_d: int, half: bool) -> int:
+    """Bytes of shared memory a launch of ``kernel`` needs at most (checked against the
+    compiled kernels by the AOT test): the tiles a block keeps (``fwd`` q; ``dq`` q, dO;
+    ``dkdv`` k, v), ``num_stages`` copies of the tiles it streams, and for ``dkdv`` the two
+    transposed score tiles."""
+    bm, bn = launch.block_m, launch.block_n
+    kept, streamed = {"fwd": (bm, 2 * bn), "dq": (2 * bm, 2 * bn),
+                      "dkdv": (2 * bn, 2 * bm)}[kernel]
+    elem = 2 if half else 4
+    scores = 2 * elem * bm * bn if kernel == "dkdv" else 0
+    return elem * block_d * (kept + launch.num_stages * streamed) + scores
+
+
+def _launch(kernel: str, q: Tensor, block_d: int) -> Launch:
+    """The launch of ``kernel`` for ``q``'s target: the interpreter's, or the first GPU launch
+    whose shared memory fits the target's per-block limit (the last one otherwise)."""
+    cc = triton_target.capability(q.device)
+    if cc is None:
+        return INTERPRETER_LAUNCH
+    half = q.dtype != torch.float32
+    limit = triton_target.shared_memory_limit(cc)
+    choices = GPU_LAUNCHES[kernel, half]
+    fits = [c for c in choices if shared_memory_bound(kernel, c, block_d, half) <= limit]
+    return fits[0] if fits else choices[-1]
+
+
+def _numerics(q: Tensor) -> tuple[str, bool]:
+    """``(PREC, UPCAST)``: IEEE float32 dots for float32; bfloat16 upcast in the interpreter
+    (whose bfloat16 dot is wrong)."""
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    upcast = interp and q.dtype == torch.bfloat16
-    return bm, bn, max(16, triton.next_power_of_2(q.shape[-1])), prec, upcast
+    upcast = not triton_target.is_gpu_launch(q.device) and q.dtype == torch.bfloat16
+    return prec, upcast
 
 
 def _dims(q: Tensor, k: Tensor):
@@ -193,10 +243,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, doc_offsets: Tensor | None, window:
     if out.numel() == 0:
         return out, lse
     key_lo, _ = bounds(doc_offsets, t, window, q.device)
-    bm, bn, bd, prec, upcast = _config(q)
-    _fwd_kernel[(triton.cdiv(t, bm), rows * hq)](
+    bd = max(16, triton.next_power_of_2(d))
+    prec, upcast = _numerics(q)
+    fwd = _launch("fwd", q, bd)
+    _fwd_kernel[(triton.cdiv(t, fwd.block_m), rows * hq)](
         q.contiguous(), k.contiguous(), v.contiguous(), out, lse, key_lo, t, hq, hkv,
-        hq // hkv, d, scale * _LOG2E, PREC=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        hq // hkv, d, scale * _LOG2E, PREC=prec, UPCAST=upcast, BLOCK_M=fwd.block_m,
+        BLOCK_N=fwd.block_n, BLOCK_D=bd, num_warps=fwd.num_warps, num_stages=fwd.num_stages)
     return out, lse
 
 
@@ -215,13 +268,17 @@ def backward(grad: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Ten
     if grad_lse is not None:
         delta = delta - grad_lse.float()
     key_lo, query_hi = bounds(doc_offsets, t, window, q.device)
-    bm, bn, bd, prec, upcast = _config(q)
+    bd = max(16, triton.next_power_of_2(d))
+    prec, upcast = _numerics(q)
+    kv, qb = _launch("dkdv", q, bd), _launch("dq", q, bd)
     q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
     lse = lse.float().contiguous()
-    _bwd_dkdv_kernel[(triton.cdiv(t, bn), rows * hkv)](
+    _bwd_dkdv_kernel[(triton.cdiv(t, kv.block_n), rows * hkv)](
         q, k, v, grad, lse, delta, dk, dv, key_lo, query_hi, t, hq, hkv, hq // hkv, d, scale,
-        PREC=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-    _bwd_dq_kernel[(triton.cdiv(t, bm), rows * hq)](
+        PREC=prec, UPCAST=upcast, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=bd,
+        num_warps=kv.num_warps, num_stages=kv.num_stages)
+    _bwd_dq_kernel[(triton.cdiv(t, qb.block_m), rows * hq)](
         q, k, v, grad, lse, delta, dq, key_lo, t, hq, hkv, hq // hkv, d, scale,
-        PREC=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        PREC=prec, UPCAST=upcast, BLOCK_M=qb.block_m, BLOCK_N=qb.block_n, BLOCK_D=bd,
+        num_warps=qb.num_warps, num_stages=qb.num_stages)
     return dq, dk, dv

@@ -56,8 +56,9 @@ def shared_memory_limit(cc: tuple[int, int]) -> int:
 def assume(cc: tuple[int, int]) -> Iterator[None]:
     """Plan every launch inside the block for compute capability ``cc``, whatever the device
     of the inputs (for ahead-of-time compilation without that GPU)."""
-    if len(cc) != 2 or not all(isinstance(v, int) for v in cc):
-        raise ValueError(f"cc must be (major, minor) ints, got {cc!r}")
+    if (not isinstance(cc, (tuple, list)) or len(cc) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in cc)):
+        raise ValueError(f"cc must be (major, minor) ints, e.g. (9, 0), got {cc!r}")
     token = _ASSUMED.set(tuple(cc))
     try:
         yield

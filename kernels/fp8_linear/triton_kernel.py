@@ -125,15 +125,21 @@ AOT_SPILL_BUDGET: dict[str, int] = {}
 MAX_STAGES = 4
 
 
-def _blocks(p: int, elem: int, device: torch.device) -> tuple[int, int, int, int, int]:
+def _blocks(p: int, elem: int, device: torch.device,
+            strided: bool = False) -> tuple[int, int, int, int, int]:
     """``(BLOCK_P, BLOCK_Q, BLOCK_R, num_warps, num_stages)``: small tiles in the interpreter
     (every tile is a numpy call); on a GPU 128-wide output tiles, with as many stages of the
     ``[BLOCK_P + BLOCK_Q, BLOCK_R]`` input tiles (``elem`` bytes per element, before the
-    quantisation) as the target's shared memory holds, up to `MAX_STAGES`."""
+    quantisation) as the target's shared memory holds, up to `MAX_STAGES`. Before Hopper the
+    MMA operands live in registers: with an operand ``strided`` along R (the backward's
+    transposed views, loaded without vector loads) the output tile narrows to 64 columns so
+    the K loop stays within the register file."""
     cc = triton_target.capability(device)
     if cc is None:
         return 16, 16, 32, 1, 1
     bp, bq, br = (128 if p > 64 else 64), 128, 64
+    if strided and cc < (9, 0):
+        bq = 64
     limit = triton_target.shared_memory_limit(cc)
     while br > 16 and limit // ((bp + bq) * br * elem) < 2:
         br //= 2
@@ -190,7 +196,8 @@ def gemm_nt(a: Tensor, bt: Tensor, a_fmt: torch.dtype, b_fmt: torch.dtype, scali
         bias = bias.to(out_dtype).contiguous()
     fa = _FMT[a_fmt]
     fb = _FMT[b_fmt]
-    bp, bq, br, warps, stages = _blocks(p, a.element_size(), a.device)
+    strided = a.stride(1) != 1 or bt.stride(1) != 1
+    bp, bq, br, warps, stages = _blocks(p, a.element_size(), a.device, strided)
     grid = (triton.cdiv(p, bp) * triton.cdiv(q, bq),)
     _fp8_gemm_nt_kernel[grid](
         a, bt, out, bias if bias is not None else out,

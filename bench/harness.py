@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from bench.roofline import Work
+
 #: Variants every workload has; peers (named after what they are) are added per workload.
 BASE_VARIANTS = ("eager", "inductor", "aa")
 
@@ -298,6 +300,7 @@ def run_benchmark(
     dtype: torch.dtype,
     kind: str,
     first: bool = True,
+    work: Work | None = None,
 ) -> None:
     """Warm up (compile) ``fn``, record its metadata and memory, then time it.
 
@@ -306,6 +309,8 @@ def run_benchmark(
     compilation (for eager variants it is just a first call). Then one more call is measured for
     peak memory, and ``benchmark.pedantic`` times the rounds (one more warm-up round first).
     ``first=False`` (a later repeat of an already built variant) skips compile time and memory.
+    ``work`` (what one call must move and compute, `bench.roofline.Work`) goes to
+    ``extra_info`` as ``bytes`` / ``flops`` / ``flop_precision``: the report's roofline column.
     """
     device = settings.device
     fn = timed(fn, device)
@@ -319,6 +324,8 @@ def run_benchmark(
     )
     if device == "cuda":
         info["device_name"] = torch.cuda.get_device_name()
+    if work is not None:
+        info.update(bytes=work.bytes, flops=work.flops, flop_precision=work.precision)
     benchmark.group = f"{workload} {shape} {dtype_name(dtype)}"
 
     if first:
@@ -362,17 +369,20 @@ def bench_variant(
     shape: str | None = None,
     dtype: torch.dtype | None = None,
     warm_up: Callable[[Callable[[], Any]], None] | None = None,
+    work: Work | None = None,
 ) -> bool:
     """The body of a workload test: ``build()`` the variant once per session (`build_once`,
     key ``(workload, case.id, variant)``), make its timed call ``step(built)`` (no ``step``:
     ``built`` is the call) and benchmark it (`run_benchmark`) under ``shape`` / ``dtype``
     (default: the case's). ``warm_up(call)``, if given, runs right after the build, before the
-    benchmark. Returns whether this test built the variant (its first repeat)."""
+    benchmark. ``work``: see `run_benchmark`. Returns whether this test built the variant (its
+    first repeat)."""
     built, first = build_once((workload, case.id, variant), build)
     call = built if step is None else step(built)
     if first and warm_up is not None:
         warm_up(call)
     run_benchmark(benchmark, call, settings=settings, workload=workload, variant=variant,
                   shape=case.shape if shape is None else shape,
-                  dtype=case.dtype if dtype is None else dtype, kind=kind, first=first)
+                  dtype=case.dtype if dtype is None else dtype, kind=kind, first=first,
+                  work=work)
     return first

@@ -6,7 +6,8 @@ Input is pytest-benchmark's ``--benchmark-json`` file (it holds each benchmark's
 timings under ``stats.data``; ``--benchmark-save-data`` does the same for ``--benchmark-save``).
 Each benchmark is one *row*: a (workload, shape, dtype, device) *case* run by one *variant*.
 The harness puts workload, variant, shape, dtype, device, ``compile_s``, ``peak_mib`` and
-``aa_rewrites`` in ``extra_info``.
+``aa_rewrites`` in ``extra_info``; kernel workloads add ``bytes`` / ``flops`` /
+``flop_precision`` (one call's work) and CUDA rows ``device_name``, for the roofline column.
 
 Per row: median, p20 and p80 of the raw timings (numpy's linear percentiles), the speed-up
 against the ``eager`` and the ``inductor`` row of the same case (baseline median / row median,
@@ -33,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.roofline import Work, roofline_cell
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 BASELINES = ("eager", "inductor")
@@ -57,6 +60,10 @@ class Row:
     aa_rewrites: dict[str, int] | None = None
     items: int | None = None  # work per call (extra_info["items"]), for a throughput column
     item_unit: str | None = None  # what an item is (extra_info["item_unit"], e.g. "words")
+    bytes: int | None = None  # DRAM bytes one call must move (extra_info["bytes"])
+    flops: int | None = None  # floating-point operations of one call (extra_info["flops"])
+    flop_precision: str | None = None  # units the flops run on ("bf16", "fp8", ...)
+    device_name: str | None = None  # torch.cuda.get_device_name() of a CUDA row
     ratio_vs_eager: float | None = None
     ratio_vs_inductor: float | None = None
     name: str = ""
@@ -106,6 +113,10 @@ def row_from_benchmark(bench: Mapping[str, Any]) -> Row:
         aa_rewrites=info.get("aa_rewrites"),
         items=info.get("items"),
         item_unit=info.get("item_unit"),
+        bytes=info.get("bytes"),
+        flops=info.get("flops"),
+        flop_precision=info.get("flop_precision"),
+        device_name=info.get("device_name"),
         name=str(bench.get("name", "")),
     )
 
@@ -280,9 +291,10 @@ def _rewrites(value: Mapping[str, int] | None) -> str:
 
 COLUMNS = (
     "workload", "shape", "dtype", "device", "variant", "median ms", "p20 ms", "p80 ms",
-    "rounds", "vs eager", "vs inductor", "peak MiB", "compile s", "throughput", "aa rewrites",
+    "rounds", "vs eager", "vs inductor", "peak MiB", "compile s", "throughput", "roofline",
+    "aa rewrites",
 )
-ALIGN = ("---",) * 5 + ("---:",) * 9 + ("---",)  # text left, numbers right
+ALIGN = ("---",) * 5 + ("---:",) * 10 + ("---",)  # text left, numbers right
 
 
 def _throughput(row: Row) -> str:
@@ -296,13 +308,21 @@ def _throughput(row: Row) -> str:
     return f"{rate:.1f} {row.item_unit or 'items'}/s"
 
 
+def _roofline(row: Row) -> str:
+    """Achieved bandwidth or FLOP/s and its share of the GPU's peak (`bench.roofline`)."""
+    if not row.bytes and not row.flops:
+        return "—"
+    work = Work(row.bytes or 0, row.flops or 0, row.flop_precision if row.flops else None)
+    return roofline_cell(work, row.median_s, row.device, row.device_name)
+
+
 def table_cells(row: Row) -> list[str]:
     return [
         row.workload, row.shape, row.dtype, row.device, row.variant,
         _ms(row.median_s), _ms(row.p20_s), _ms(row.p80_s), str(row.rounds),
         _ratio(row.ratio_vs_eager), _ratio(row.ratio_vs_inductor),
         _num(row.peak_mib, ".1f"), _num(row.compile_s, ".2f"), _throughput(row),
-        _rewrites(row.aa_rewrites),
+        _roofline(row), _rewrites(row.aa_rewrites),
     ]
 
 
@@ -333,7 +353,11 @@ def render_markdown(rows: Sequence[Row], machine: Mapping[str, Any]) -> str:
         "hit inductor's on-disk cache (`python -m bench --cold-cache` avoids that), and later "
         "variants can reuse kernels an earlier one compiled in the same process. `peak MiB`: see "
         "`bench/harness.py::peak_memory_mib` (CUDA: allocator peak incl. live tensors; CPU: "
-        "peak of memory allocated during one call).",
+        "peak of memory allocated during one call). `roofline`: what one call must move "
+        "(bytes) or compute (FLOPs), as its workload declares, over the median, and its share "
+        "of the GPU's data-sheet peak (HBM bandwidth or dense tensor-core FLOP/s, whichever "
+        "share is larger; `bench/roofline.py`, sources in `docs/gpu.md`); — on a CPU, for a GPU "
+        "without known peaks, or for a workload that declares no work.",
     ]
     return "\n".join(head + ["", render_table(rows)] + notes) + "\n"
 

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.models.tfree import TFreeDictionary, TrigramTokenizer
 from bench.harness import (BASE_VARIANTS, CaseLabels, bench_variant, compile_variant,
-                           inference_step, seed_all)
+                           dtype_name, inference_step, seed_all)
+from bench.roofline import INDEX_BYTES, Work, itemsize
 
 PEERS = ("aa_op",)
 TOP_K = 10
@@ -57,6 +58,16 @@ def dictionary_cases(quick: bool, device: str) -> list[DictionaryCase]:
 
 #: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
 CASES = dictionary_cases
+
+
+def work(case: DictionaryCase, nnz: int, slot_bytes: int = INDEX_BYTES,
+         weight_bytes: int = 4) -> Work:
+    """Bytes one call must move for a dictionary of ``nnz`` (slot, weight) entries: read the
+    probabilities ``[B, v]``, the word offsets and trigram counts (int64), the slots and
+    weights, and write the top-k values (float32) and indices (int64) per row."""
+    e, words = itemsize(dtype_name(case.dtype)), case.words
+    dictionary = (words + 1) * INDEX_BYTES + words * INDEX_BYTES + nnz * (slot_bytes + weight_bytes)
+    return Work(case.batch * case.vocab * e + dictionary + case.batch * case.top_k * (4 + 8))
 
 
 def synthetic_words(n: int, seed: int = 0) -> list[str]:
@@ -112,6 +123,9 @@ def build(module: DictionaryTopK, offsets: Tensor, variant: str):
 @pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
 def test_dictionary_topk(benchmark, settings, case, base, variant, repeat):
     module, offsets, probs = base
+    d = module.dictionary
     bench_variant(benchmark, settings, case, variant, "dictionary_topk", kind="op",
+                  work=work(case, d.slots.numel(), d.slots.element_size(),
+                            d.slot_weights.element_size()),
                   build=lambda: build(module, offsets, variant),
                   step=lambda run: inference_step(run, probs))

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
-from bench.harness import CaseLabels, bench_variant, inference_step, seed_all, training_step
+from bench.harness import (CaseLabels, bench_variant, dtype_name, inference_step, seed_all,
+                           training_step)
+from bench.roofline import Work, itemsize
 
 VARIANTS = ("eager", "bf16", "fp8_static", "fp8_tensorwise", "fp8_rowwise", "torchao")
 
@@ -50,6 +52,22 @@ def fp8_linear_cases(quick: bool, device: str) -> list[Fp8LinearCase]:
 
 
 CASES = fp8_linear_cases
+
+#: the units each variant's GEMMs run on (float32 F.linear: CUDA cores, no TF32)
+PRECISION = {"eager": "fp32", "bf16": "bf16", "fp8_static": "fp8", "fp8_tensorwise": "fp8",
+             "fp8_rowwise": "fp8", "torchao": "fp8"}
+
+
+def work(case: Fp8LinearCase, variant: str, backward: bool) -> Work:
+    """FLOPs and bytes one call must do: the forward GEMM is ``2 M N K`` FLOPs, reading x
+    and w and writing y in the case's dtype; the backward's two GEMMs (dx, dw) ``4 M N K``,
+    reading the gradient, x and w and writing dx and dw."""
+    e, m, k, n = itemsize(dtype_name(case.dtype)), case.m, case.k, case.n
+    forward = Work((m * k + n * k + m * n) * e, 2 * m * n * k, PRECISION[variant])
+    if not backward:
+        return forward
+    return forward + Work((m * n + m * k + n * k + m * k + n * k) * e, 4 * m * n * k,
+                          PRECISION[variant])
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +142,7 @@ def _record_aten_ops(benchmark, step) -> None:
 def test_fp8_linear_fwd(benchmark, settings, case, base, variant, repeat):
     x, w, _ = base
     bench_variant(benchmark, settings, case, variant, "fp8_linear_fwd", kind="op",
+                  work=work(case, variant, backward=False),
                   build=lambda: build(case, w, variant, settings),
                   step=lambda built: inference_step(built[0], x),
                   warm_up=lambda step: _record_aten_ops(benchmark, step))
@@ -134,6 +153,7 @@ def test_fp8_linear_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     x, w, grad = base
     xr = x.detach().clone().requires_grad_(True)
     bench_variant(benchmark, settings, case, variant, "fp8_linear_fwd_bwd", kind="op",
+                  work=work(case, variant, backward=True),
                   build=lambda: build(case, w, variant, settings),
                   step=lambda built: training_step(built[0], xr, grad=lambda y: grad.to(y.dtype),
                                                    clear=(xr, built[1])),

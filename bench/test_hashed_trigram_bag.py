@@ -36,8 +36,9 @@ import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.kernels.hashed_trigram_bag import cpu as hashed_cpu
 from aa_compile.models.tfree import TFreeEmbedding, TrigramTokenizer
 from aa_compile.ops.registry import triton_kernel
-from bench.harness import (CaseLabels, bench_variant, fresh_copy, inference_step, seed_all,
-                           training_step)
+from bench.harness import (CaseLabels, bench_variant, dtype_name, fresh_copy, inference_step,
+                           seed_all, training_step)
+from bench.roofline import INDEX_BYTES, Work, itemsize
 from bench.test_tfree_tokenizer import paragraphs
 
 VARIANTS = ("eager",)
@@ -72,6 +73,22 @@ def hashed_bag_cases(quick: bool, device: str) -> list[HashedBagCase]:
 
 #: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
 CASES = hashed_bag_cases
+
+
+def work(case: HashedBagCase, n_trigrams: int, variant: str, backward: bool,
+         whole_word_bytes: int = 0) -> Work:
+    """Bytes one call must move. From trigram ids (``hashed_ids``; the same ideal holds for
+    the peers computing the same result): read the ids, trigram offsets and whole-word slots,
+    each table row once (``min(n_trigrams * m, v)`` rows), write ``[words, h]``; the backward
+    reads the gradient, ids and offsets again and writes the dense ``[v, h]`` gradient.
+    ``hash_only``: read the ids, offsets and whole-word slots, write the ``[n_trigrams, m]``
+    int64 slots."""
+    e, h = itemsize(dtype_name(case.dtype)), case.hidden
+    ids = n_trigrams * INDEX_BYTES + (case.words + 1) * INDEX_BYTES + whole_word_bytes
+    if variant == "hash_only":
+        return Work(ids + n_trigrams * case.m * INDEX_BYTES)
+    forward = ids + min(n_trigrams * case.m, case.vocab) * h * e + case.words * h * e
+    return Work(forward + ((case.words + case.vocab) * h * e + ids if backward else 0))
 
 
 def _nbytes(*tensors) -> int:
@@ -147,6 +164,8 @@ def _record(benchmark, index_bytes, variant):
 def test_hashed_trigram_bag_fwd(benchmark, settings, case, base, variant, repeat):
     module, inputs, index_bytes, _ = base
     bench_variant(benchmark, settings, case, variant, "hashed_trigram_bag_fwd", kind="op",
+                  work=work(case, inputs["trigram_ids"].numel(), variant, backward=False,
+                            whole_word_bytes=_nbytes(inputs["whole_word_slots"])),
                   build=lambda: build(module, variant, case),
                   step=lambda built: inference_step(built[0], inputs))
     _record(benchmark, index_bytes, variant)
@@ -156,6 +175,8 @@ def test_hashed_trigram_bag_fwd(benchmark, settings, case, base, variant, repeat
 def test_hashed_trigram_bag_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     module, inputs, index_bytes, grad = base
     bench_variant(benchmark, settings, case, variant, "hashed_trigram_bag_fwd_bwd", kind="op",
+                  work=work(case, inputs["trigram_ids"].numel(), variant, backward=True,
+                            whole_word_bytes=_nbytes(inputs["whole_word_slots"])),
                   build=lambda: build(module, variant, case),
                   step=lambda built: training_step(built[0], inputs, grad=grad, clear=(built[1],)))
     _record(benchmark, index_bytes, variant)

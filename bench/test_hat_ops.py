@@ -26,8 +26,9 @@ import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.data import text
 from aa_compile.models.hat import HATByteSplitter
 from aa_compile.models.transformer import RMSNorm
-from bench.harness import (CaseLabels, bench_variant, compile_variant, fresh_copy, inference_step,
-                           seed_all, training_step)
+from bench.harness import (CaseLabels, bench_variant, compile_variant, dtype_name, fresh_copy,
+                           inference_step, seed_all, training_step)
+from bench.roofline import INDEX_BYTES, Work, itemsize
 
 VARIANTS = ("eager", "inductor")
 PEERS = ("aa_op",)
@@ -86,6 +87,17 @@ def shape_of(case, batch) -> str:
 
 # -- word pooling ----------------------------------------------------------------------------
 
+def pool_work(case: HATOpCase, n_bytes: int, n_words: int, backward: bool) -> Work:
+    """Bytes one call must move (the FLOPs, ``4 hd`` per byte and head, are negligible):
+    the forward reads the shared query, k, v and the word offsets and writes ``[W, H, hd]``;
+    the backward reads the gradient, the query, k, v and the offsets and writes dq, dk, dv."""
+    e, width = itemsize(dtype_name(case.dtype)), case.d_enc  # H * hd
+    kv, q, out = 2 * n_bytes * width * e, width * e, n_words * width * e
+    offsets = (n_words + 1) * INDEX_BYTES
+    forward = q + kv + offsets + out
+    return Work(forward + ((out + q + kv + offsets) + (q + kv) if backward else 0))
+
+
 def pool_reference(q, k, v, word_bytes, word_mask):
     """`WordPooling`'s attention on padded words: ``[W, H, hd]``."""
     n_words = word_bytes.shape[0]
@@ -109,6 +121,7 @@ def build_pool(batch, variant):
 def test_word_pool_fwd(benchmark, settings, case, base, variant, repeat):
     batch, _, t = base
     bench_variant(benchmark, settings, case, variant, "word_pool_fwd", kind="op",
+                  work=pool_work(case, batch.n_bytes, batch.n_words, backward=False),
                   shape=shape_of(case, batch), build=lambda: build_pool(batch, variant),
                   step=lambda run: inference_step(run, t["q"], t["k"], t["v"]))
 
@@ -118,12 +131,24 @@ def test_word_pool_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     batch, _, t = base
     q, k, v = (t[n].detach().clone().requires_grad_(True) for n in ("q", "k", "v"))
     bench_variant(benchmark, settings, case, variant, "word_pool_fwd_bwd", kind="op",
+                  work=pool_work(case, batch.n_bytes, batch.n_words, backward=True),
                   shape=shape_of(case, batch), build=lambda: build_pool(batch, variant),
                   step=lambda run: training_step(run, q, k, v, grad=t["pool_grad"],
                                                  clear=(q, k, v)))
 
 
 # -- guide add + first attention norm --------------------------------------------------------
+
+def guide_work(case: HATOpCase, n_bytes: int, n_words: int, backward: bool) -> Work:
+    """Bytes one call must move: the forward reads x ``[T, d]``, g ``[W, d]``, the offsets
+    and the norm weight and writes y and the normed y; the backward reads both output
+    gradients, y, the weight and the offsets and writes dx, dg and dweight."""
+    e, d = itemsize(dtype_name(case.dtype)), case.d_enc
+    rows, words, offsets = n_bytes * d * e, n_words * d * e, (n_words + 1) * INDEX_BYTES
+    forward = rows + words + offsets + d * e + 2 * rows
+    return Work(forward + ((3 * rows + d * e + offsets) + (rows + words + d * e)
+                           if backward else 0))
+
 
 def build_guide(batch, norm, variant):
     """``(callable (x, g) -> (y, normed), norm module whose weight it uses)``."""
@@ -145,6 +170,7 @@ def build_guide(batch, norm, variant):
 def test_guide_add_fwd(benchmark, settings, case, base, variant, repeat):
     batch, norm, t = base
     bench_variant(benchmark, settings, case, variant, "guide_add_norm_fwd", kind="op",
+                  work=guide_work(case, batch.n_bytes, batch.n_words, backward=False),
                   shape=shape_of(case, batch), build=lambda: build_guide(batch, norm, variant),
                   step=lambda built: inference_step(built[0], t["x"], t["g"]))
 
@@ -154,6 +180,7 @@ def test_guide_add_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     batch, norm, t = base
     x, g = (t[n].detach().clone().requires_grad_(True) for n in ("x", "g"))
     bench_variant(benchmark, settings, case, variant, "guide_add_norm_fwd_bwd", kind="op",
+                  work=guide_work(case, batch.n_bytes, batch.n_words, backward=True),
                   shape=shape_of(case, batch), build=lambda: build_guide(batch, norm, variant),
                   step=lambda built: training_step(built[0], x, g, grad=(t["y_grad"], t["n_grad"]),
                                                    clear=(x, g, built[1])))

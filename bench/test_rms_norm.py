@@ -14,15 +14,24 @@ import torch.nn.functional as F
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.models.transformer import RMSNorm
-from bench.harness import (BASE_VARIANTS, bench_variant, compile_variant, fresh_copy,
-                           inference_step, rms_norm_cases, seed_all, skip_unless_aa_op,
-                           training_step)
+from bench.harness import (BASE_VARIANTS, RMSNormCase, bench_variant, compile_variant,
+                           dtype_name, fresh_copy, inference_step, rms_norm_cases, seed_all,
+                           skip_unless_aa_op, training_step)
+from bench.roofline import Work, itemsize
 
 PEERS = ("aten", "aa_op")
 
 
 #: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
 CASES = rms_norm_cases
+
+
+def work(case: RMSNormCase, backward: bool) -> Work:
+    """Bytes one call must move: forward reads x and the weight and writes y; the backward
+    then reads grad, x and the weight and writes dx and dweight."""
+    e, t, d = itemsize(dtype_name(case.dtype)), case.tokens, case.dim
+    forward = (2 * t * d + d) * e
+    return Work(forward + ((3 * t * d + 2 * d) * e if backward else 0))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +66,7 @@ def build(module: RMSNorm, variant: str):
 def test_rms_norm_fwd(benchmark, settings, case, base, variant, repeat):
     module, x, _ = base
     bench_variant(benchmark, settings, case, variant, "rms_norm_fwd", kind="op",
-                  build=lambda: build(module, variant),
+                  work=work(case, backward=False), build=lambda: build(module, variant),
                   step=lambda built: inference_step(built[0], x))
 
 
@@ -66,5 +75,5 @@ def test_rms_norm_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     module, x, grad = base
     xr = x.detach().clone().requires_grad_(True)
     bench_variant(benchmark, settings, case, variant, "rms_norm_fwd_bwd", kind="op",
-                  build=lambda: build(module, variant),
+                  work=work(case, backward=True), build=lambda: build(module, variant),
                   step=lambda built: training_step(built[0], xr, grad=grad, clear=(xr, built[1])))

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.models.tfree import TFreeEmbedding
-from bench.harness import (BASE_VARIANTS, CaseLabels, bench_variant, compile_variant, fresh_copy,
-                           inference_step, seed_all, skip_unless_aa_op, training_step)
+from bench.harness import (BASE_VARIANTS, CaseLabels, bench_variant, compile_variant, dtype_name,
+                           fresh_copy, inference_step, seed_all, skip_unless_aa_op, training_step)
+from bench.roofline import INDEX_BYTES, Work, itemsize
 
 PEERS = ("embedding_bag", "aa_op")
 
@@ -63,6 +64,17 @@ def trigram_bag_cases(quick: bool, device: str) -> list[TrigramBagCase]:
 
 #: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
 CASES = trigram_bag_cases
+
+
+def work(case: TrigramBagCase, nnz: int, backward: bool) -> Work:
+    """Bytes one call must move for ``nnz`` slot indices: the forward reads each table row
+    once (``min(nnz, v)`` rows), the indices and word offsets, and writes ``[words, h]``; the
+    backward reads the gradient, indices and offsets and writes the dense ``[v, h]`` table
+    gradient."""
+    e, h = itemsize(dtype_name(case.dtype)), case.hidden
+    csr = nnz * INDEX_BYTES + (case.words + 1) * INDEX_BYTES
+    forward = min(nnz, case.vocab) * h * e + csr + case.words * h * e
+    return Work(forward + ((case.words * h + case.vocab * h) * e + csr if backward else 0))
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +122,7 @@ def build(module: TFreeEmbedding, variant: str):
 def test_trigram_bag_fwd(benchmark, settings, case, base, variant, repeat):
     module, inputs, _ = base
     bench_variant(benchmark, settings, case, variant, "trigram_bag_fwd", kind="op",
+                  work=work(case, inputs["indices"].numel(), backward=False),
                   build=lambda: build(module, variant),
                   step=lambda built: inference_step(built[0], inputs))
 
@@ -118,5 +131,6 @@ def test_trigram_bag_fwd(benchmark, settings, case, base, variant, repeat):
 def test_trigram_bag_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     module, inputs, grad = base
     bench_variant(benchmark, settings, case, variant, "trigram_bag_fwd_bwd", kind="op",
+                  work=work(case, inputs["indices"].numel(), backward=True),
                   build=lambda: build(module, variant),
                   step=lambda built: training_step(built[0], inputs, grad=grad, clear=(built[1],)))

@@ -24,8 +24,9 @@ from aa_compile.kernels.window_attention import reference
 
 import aa_compile  # noqa: F401  (defines torch.ops.aa.*)
 from aa_compile.ops.window_attention import attention
-from bench.harness import (CaseLabels, bench_variant, compile_variant, inference_step, seed_all,
-                           training_step)
+from bench.harness import (CaseLabels, bench_variant, compile_variant, dtype_name, inference_step,
+                           seed_all, training_step)
+from bench.roofline import Work, itemsize, precision_of
 
 VARIANTS = ("eager", "inductor")
 PEERS = ("aa_op", "flex_attention")
@@ -63,6 +64,32 @@ def _offsets(case: WindowAttentionCase) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     cuts = torch.randperm(case.tokens - 1, generator=g)[: case.docs - 1].sort().values + 1
     return torch.cat([torch.tensor([0]), cuts, torch.tensor([case.tokens])])
+
+
+def attended_pairs(doc_lengths: list[int], window: int) -> int:
+    """(query, key) pairs the mask allows: query i of a document sees ``min(i + 1, window)``
+    keys."""
+    total = 0
+    for n in doc_lengths:
+        full = min(n, window)
+        total += full * (full + 1) // 2 + (n - full) * window
+    return total
+
+
+def work(case: WindowAttentionCase, doc_lengths: list[int], backward: bool) -> Work:
+    """FLOPs and bytes one call must do: per allowed pair and query head, the forward's two
+    products (``QK^T``, ``PV``) are ``4 D`` FLOPs and the backward's five ``10 D``; the
+    forward reads q, k, v and writes out and the float32 logsumexp, the backward reads q, k,
+    v, out, dout and the logsumexp and writes dq, dk, dv."""
+    e, t, d = itemsize(dtype_name(case.dtype)), case.tokens, case.head_dim
+    pairs = attended_pairs(doc_lengths, case.window) * case.heads
+    q_bytes, kv_bytes, lse = case.heads * t * d * e, case.kv_heads * t * d * e, case.heads * t * 4
+    precision = precision_of(dtype_name(case.dtype))
+    fwd = Work(2 * q_bytes + 2 * kv_bytes + lse, 4 * d * pairs, precision)
+    if not backward:
+        return fwd
+    return fwd + Work(3 * q_bytes + 2 * kv_bytes + lse + q_bytes + 2 * kv_bytes, 10 * d * pairs,
+                      precision)
 
 
 def dense_window_attention(q, k, v, mask):
@@ -121,6 +148,7 @@ def build(case, base, variant: str, device: str):
 def test_window_attention_fwd(benchmark, settings, case, base, variant, repeat):
     q, k, v = base[:3]
     bench_variant(benchmark, settings, case, variant, "window_attention_fwd", kind="model",
+                  work=work(case, base[4].diff().tolist(), backward=False),
                   build=lambda: build(case, base, variant, settings.device),
                   step=lambda run: inference_step(run, q, k, v))
 
@@ -132,5 +160,6 @@ def test_window_attention_fwd_bwd(benchmark, settings, case, base, variant, repe
     q, k, v, grad = (t.detach().clone() for t in base[:4])
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     bench_variant(benchmark, settings, case, variant, "window_attention_fwd_bwd", kind="model",
+                  work=work(case, base[4].diff().tolist(), backward=True),
                   build=lambda: build(case, base, variant, settings.device),
                   step=lambda run: training_step(run, *leaves, grad=grad, clear=leaves))

@@ -5,6 +5,7 @@
     aa-compile generate [options]   continue a text with a saved model (any kind)
     aa-compile explain [options]    AtMan explanation on the reference transformer (+ PNG)
     aa-compile fdtm sweep|plan|apply   DTM sensitivity sweep, compression plan, applied model
+    aa-compile export onnx [options]   ONNX file of a saved model, checked in onnxruntime
 
 ``--checkpoint`` takes a saved model directory (``--out`` of every training CLI,
 `aa_compile.models.save_model`) or, for ``explain`` and ``fdtm``, the older torch file
@@ -22,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from aa_compile.export.cli import add_subcommand as add_export_subcommand
 from aa_compile.threads import add_threads_argument, set_threads
 
 
@@ -549,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fdtm_sweep_parser(actions)
     _fdtm_plan_parser(actions)
     _fdtm_apply_parser(actions)
+    add_export_subcommand(sub)
     return parser
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from aa_compile.kernels.atman_attention import cpu, reference
 
-from .registry import register_kernels, register_samples, triton_kernel
+from .registry import register_kernels, register_onnx, register_samples, triton_kernel
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON = "aa_compile.kernels.atman_attention.triton_kernel"
@@ -170,3 +170,7 @@ def _samples(device: str):
 
 
 register_samples(atman_attention, _samples)
+
+register_onnx(atman_attention, reason=(
+    "explanation-time only: aa_compile.atman.explain routes attention to it while "
+    "explaining; export the model itself (plain SDPA)"))

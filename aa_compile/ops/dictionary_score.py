@@ -36,7 +36,7 @@ from torch import Tensor
 
 from aa_compile.kernels.dictionary_score import cpu, reference
 
-from .registry import register_kernels, register_samples, triton_kernel
+from .registry import register_kernels, register_onnx, register_samples, triton_kernel
 
 #: Check offsets / slots / trigram-count *values* on non-CPU devices too (a device sync per
 #: call). CPU always checks. From the environment variable ``AA_DICTIONARY_CHECK_INDICES``.
@@ -234,3 +234,7 @@ def _offsets_samples(device: str):
 
 register_samples(dictionary_score, _samples)
 register_samples(csr_offsets, _offsets_samples)
+
+register_onnx(dictionary_score,
+              "aa_compile.kernels.dictionary_score.onnx_translation:dictionary_score")
+register_onnx(csr_offsets, "aa_compile.kernels.dictionary_score.onnx_translation:csr_offsets")

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from aa_compile.kernels.fp8_linear import compose, cpu, reference
 
-from .registry import register_kernels, register_samples, triton_kernel
+from .registry import (TRAINING_ONLY, register_kernels, register_onnx, register_samples,
+                       triton_kernel)
 
 OP = "aa::fp8_linear"
 BACKWARD_OP = "aa::fp8_linear_backward"
@@ -305,3 +306,9 @@ def _backward_samples(device: str):
 
 register_samples(fp8_linear, _samples)
 register_samples(fp8_linear_backward, _backward_samples)
+
+register_onnx(fp8_linear, reason=(
+    "FP8 GEMM: ONNX opset 18 and onnxruntime on CPU have no float8 matmul; way out: "
+    "export without the fp8 option (the linears stay float32/bfloat16 ops), or serve "
+    "through inner_compiler='tensorrt' on an FP8 GPU"))
+register_onnx(fp8_linear_backward, reason=TRAINING_ONLY)

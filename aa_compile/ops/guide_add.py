@@ -30,7 +30,8 @@ from aa_compile.kernels.guide_add.reference import FLOAT_DTYPES
 from aa_compile.kernels.rms_norm import reference as rms_reference
 from aa_compile.kernels.word_pool.reference import check_offsets
 
-from .registry import (register_decompositions, register_kernels, register_samples,
+from .registry import (TRAINING_ONLY, register_decompositions, register_kernels, register_onnx,
+                       register_samples,
                        triton_kernel)
 
 #: Check ``word_offsets`` values off the CPU too (a device sync per call); CPU always checks.
@@ -326,3 +327,9 @@ register_samples(guide_add, _samples)
 register_samples(guide_add_backward, _backward_samples)
 register_samples(guide_add_rms_norm, _norm_samples)
 register_samples(guide_add_rms_norm_backward, _norm_backward_samples)
+
+register_onnx(guide_add, "aa_compile.kernels.guide_add.onnx_translation:guide_add")
+register_onnx(guide_add_backward, reason=TRAINING_ONLY)
+register_onnx(guide_add_rms_norm,
+              "aa_compile.kernels.guide_add.onnx_translation:guide_add_rms_norm")
+register_onnx(guide_add_rms_norm_backward, reason=TRAINING_ONLY)

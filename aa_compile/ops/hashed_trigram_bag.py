@@ -29,7 +29,8 @@ from torch import Tensor
 from aa_compile.kernels.hashed_trigram_bag import cpu, reference
 
 from . import trigram_bag as trigram_bag_op
-from .registry import register_kernels, register_samples, triton_kernel
+from .registry import (TRAINING_ONLY, register_kernels, register_onnx, register_samples,
+                       triton_kernel)
 
 OP = "aa::hashed_trigram_bag"
 _TRITON = "aa_compile.kernels.hashed_trigram_bag.triton_kernel"
@@ -205,3 +206,9 @@ def _backward_samples(device: str):
 
 register_samples(hashed_trigram_bag, _samples)
 register_samples(hashed_trigram_bag_backward, _backward_samples)
+
+register_onnx(hashed_trigram_bag, reason=(
+    "hashes trigram ids inside the kernel (splitmix64 on uint64), which standard ONNX "
+    "integer ops do not express; way out: encode with TrigramTokenizer slots "
+    "(batch.indices/offsets) so aa::trigram_bag carries the embedding"))
+register_onnx(hashed_trigram_bag_backward, reason=TRAINING_ONLY)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from aa_compile.kernels.int8_linear import cpu, reference
 
-from .registry import register_kernels, register_samples, triton_kernel
+from .registry import register_kernels, register_onnx, register_samples, triton_kernel
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON = "aa_compile.kernels.int8_linear.triton_kernel"
@@ -122,3 +122,5 @@ def _samples(device: str):
 
 
 register_samples(int8_linear, _samples)
+
+register_onnx(int8_linear, "aa_compile.kernels.int8_linear.onnx_translation:int8_linear")

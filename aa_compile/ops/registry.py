@@ -3,7 +3,8 @@
 An op module defines its op with ``torch.library.custom_op`` (the body serves devices without a
 kernel of their own), then calls `register_kernels` (per-device kernels through torch.library's
 ``register_kernel``), `register_samples` (inputs for opcheck) and, where inductor should
-generate the code itself, `register_decompositions`. `collect` builds `OPS` from what was
+generate the code itself, `register_decompositions`; `register_onnx` records its ONNX
+translation or why it has none (``aa_compile.export``). `collect` builds `OPS` from what was
 registered for every op the dispatcher knows in the ``aa`` namespace; one without samples is
 left out, and ``tests/test_ops.py`` fails for it, so opcheck covers every op.
 """
@@ -176,3 +177,52 @@ def install_inductor_decompositions() -> None:
         _INSTALLED.add(name)
     if new:
         decomposition.fast_random_decomps.cache_clear()  # a cached copy of the table
+
+
+# ONNX export ---------------------------------------------------------------------------------
+
+_ONNX: dict[str, "OnnxExport"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxExport:
+    """How `aa_compile.export.onnx` writes one op: ``translation`` is ``"module:function"`` of
+    an onnxscript translation (imported only when exporting: onnx is an optional extra), or
+    None with ``reason`` saying why the op has none and what to do instead."""
+
+    translation: str | None
+    reason: str | None
+
+    def load(self) -> Callable:
+        """The translation function (imports its module, and with it onnxscript)."""
+        if self.translation is None:
+            raise ValueError(f"no ONNX translation: {self.reason}")
+        module, name = self.translation.split(":", 1)
+        return getattr(importlib.import_module(module), name)
+
+
+#: the reason every ``aa::*_backward`` op gives: an exported graph is an inference graph
+TRAINING_ONLY = "training-only: backward ops never appear in an exported inference graph"
+
+
+def register_onnx(op: CustomOpDef | str, translation: str | None = None, *,
+                  reason: str | None = None) -> None:
+    """Record how ``op`` exports to ONNX: ``translation`` is ``"module:function"`` of an
+    onnxscript function taking the op's arguments (living beside the op's kernels, in
+    ``kernels/<op>/onnx_translation.py``), or give ``reason`` (why none, and the way out).
+    ``tests/test_onnx_ops.py`` fails for an op with neither."""
+    name = _qualname(op)
+    if (translation is None) == (reason is None):
+        raise ValueError(f"register_onnx({name}): give exactly one of translation= "
+                         f"(\"module:function\") or reason=")
+    if translation is not None and translation.count(":") != 1:
+        raise ValueError(f"register_onnx({name}): translation must be \"module:function\", "
+                         f"got {translation!r}")
+    if name in _ONNX:
+        raise ValueError(f"{name} has an ONNX export registered already: {_ONNX[name]}")
+    _ONNX[name] = OnnxExport(translation=translation, reason=reason)
+
+
+def onnx_exports() -> dict[str, OnnxExport]:
+    """Every op's registered ONNX export (translation or reason), by qualified name."""
+    return dict(_ONNX)

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from aa_compile.kernels.rms_norm import cpu, reference
 
-from .registry import (register_decompositions, register_kernels, register_samples,
+from .registry import (TRAINING_ONLY, register_decompositions, register_kernels, register_onnx,
+                       register_samples,
                        triton_kernel)
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -184,3 +185,6 @@ def _backward_samples(device: str):
 
 register_samples(rms_norm, _samples)
 register_samples(rms_norm_backward, _backward_samples)
+
+register_onnx(rms_norm, "aa_compile.kernels.rms_norm.onnx_translation:rms_norm")
+register_onnx(rms_norm_backward, reason=TRAINING_ONLY)

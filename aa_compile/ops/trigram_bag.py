@@ -31,7 +31,8 @@ from torch import Tensor
 
 from aa_compile.kernels.trigram_bag import cpu, cpu_avx2, reference
 
-from .registry import (register_decompositions, register_kernels, register_samples,
+from .registry import (TRAINING_ONLY, register_decompositions, register_kernels, register_onnx,
+                       register_samples,
                        triton_kernel)
 
 OP = "aa::trigram_bag"
@@ -403,3 +404,10 @@ def _words_samples(device: str):
 
 
 register_samples(tfree_words_to_csr, _words_samples)
+
+register_onnx(trigram_bag, "aa_compile.kernels.trigram_bag.onnx_translation:trigram_bag")
+register_onnx(trigram_bag_backward, reason=TRAINING_ONLY)
+register_onnx("aa::trigram_bag_cpu",
+              "aa_compile.kernels.trigram_bag.onnx_translation:trigram_bag_cpu")
+register_onnx(tfree_words_to_csr,
+              "aa_compile.kernels.trigram_bag.onnx_translation:tfree_words_to_csr")

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from aa_compile.kernels.window_attention import blocked, cpu, reference
 
-from .registry import register_kernels, register_samples, triton_kernel
+from .registry import (TRAINING_ONLY, register_kernels, register_onnx, register_samples,
+                       triton_kernel)
 
 #: Check ``doc_offsets`` values off the CPU too (a device sync per call); CPU always checks.
 CHECK_OFFSETS: bool = os.environ.get("AA_WINDOW_ATTENTION_CHECK_OFFSETS", "0").strip().lower() \
@@ -172,3 +173,7 @@ def _backward_samples(device: str):
 
 register_samples(window_attention, _samples)
 register_samples(window_attention_backward, _backward_samples)
+
+register_onnx(window_attention,
+              "aa_compile.kernels.window_attention.onnx_translation:window_attention")
+register_onnx(window_attention_backward, reason=TRAINING_ONLY)

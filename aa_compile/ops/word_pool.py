@@ -22,7 +22,8 @@ from torch import Tensor
 
 from aa_compile.kernels.word_pool import cpu, reference
 
-from .registry import register_kernels, register_samples, triton_kernel
+from .registry import (TRAINING_ONLY, register_kernels, register_onnx, register_samples,
+                       triton_kernel)
 
 #: Check ``word_offsets`` values off the CPU too (a device sync per call); CPU always checks.
 CHECK_OFFSETS: bool = os.environ.get("AA_WORD_POOL_CHECK_OFFSETS", "0").strip().lower() \
@@ -156,3 +157,6 @@ def _backward_samples(device: str):
 
 register_samples(word_pool, _samples)
 register_samples(word_pool_backward, _backward_samples)
+
+register_onnx(word_pool, "aa_compile.kernels.word_pool.onnx_translation:word_pool")
+register_onnx(word_pool_backward, reason=TRAINING_ONLY)

@@ -1,0 +1,70 @@
+"""Exported-model workload: the reference transformer's inference forward run by onnxruntime
+on the CPU (the file `aa_compile.export.onnx` writes) against the same model in PyTorch.
+
+Variants: ``eager``, ``inductor``, ``aa`` (as ``bench/test_transformer.py``) and the peer
+``onnxruntime`` (the ONNX export of the aa-rewritten model, ``CPUExecutionProvider``, one
+session with torch's thread count). CPU only: the export's session runs on the CPU here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from aa_compile.models.transformer import Transformer, TransformerConfig
+from bench.harness import (BASE_VARIANTS, bench_variant, inference_step, inference_variant,
+                           seed_all, transformer_cases)
+
+PEERS = ("onnxruntime",)
+
+#: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
+CASES = transformer_cases
+
+
+@pytest.fixture(scope="module")
+def base(case, settings):
+    """The model and token ids, built once per shape; each variant gets a deep copy."""
+    seed_all(0)
+    cfg = TransformerConfig(vocab_size=case.vocab_size, d_model=case.d_model,
+                            n_layers=case.n_layers, n_heads=case.n_heads,
+                            n_kv_heads=case.n_kv_heads, max_seq_len=case.seq)
+    model = Transformer(cfg).to(device=settings.device, dtype=case.dtype).eval()
+    ids = torch.randint(0, case.vocab_size, (case.batch, case.seq), device=settings.device)
+    return model, ids
+
+
+def onnxruntime_variant(model: torch.nn.Module, ids: torch.Tensor, directory) -> Callable:
+    """``ids -> logits`` through onnxruntime on the exported (aa-rewritten) model."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from aa_compile.export import onnx
+
+    path = directory / "transformer.onnx"
+    onnx(model, (ids,), path, dynamic_shapes=({0: "batch", 1: "seq"},))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return run
+
+
+@pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
+def test_export_transformer_fwd(benchmark, settings, case, base, variant, repeat,
+                                tmp_path_factory):
+    if settings.device != "cpu":
+        pytest.skip("the exported model runs on onnxruntime's CPU provider here")
+    model, ids = base
+
+    def build():
+        if variant == "onnxruntime":
+            return onnxruntime_variant(model, ids, tmp_path_factory.mktemp("export"))
+        return inference_variant(model, variant)
+
+    bench_variant(benchmark, settings, case, variant, "export_transformer_fwd", kind="model",
+                  build=build, step=lambda run: inference_step(run, ids))

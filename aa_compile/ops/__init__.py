@@ -14,6 +14,8 @@ from . import word_pool  # noqa: F401  (aa::word_pool[_backward])
 from . import guide_add  # noqa: F401  (aa::guide_add[_rms_norm][_backward])
 from . import int8_linear  # noqa: F401  (aa::int8_linear)
 from . import atman_attention  # noqa: F401  (aa::atman_attention)
+from . import sae_decode  # noqa: F401  (aa::sae_decode[_backward])
+from . import sae_encode  # noqa: F401  (aa::sae_encode[_backward])
 from .registry import OpEntry, collect, install_inductor_decompositions
 
 OPS = collect()

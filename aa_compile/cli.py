@@ -6,6 +6,8 @@
     aa-compile explain [options]    AtMan explanation on the reference transformer (+ PNG)
     aa-compile fdtm sweep|plan|apply   DTM sensitivity sweep, compression plan, applied model
     aa-compile export onnx [options]   ONNX file of a saved model, checked in onnxruntime
+    aa-compile sae train|fms|steer     concept SAEs (SCAR, G-SAE): train, FMS, steering
+    aa-compile mad run|report          MAD synthetic capability suite: train, score, plot
 
 ``--checkpoint`` takes a saved model directory (``--out`` of every training CLI,
 `aa_compile.models.save_model`) or, for ``explain`` and ``fdtm``, the older torch file
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from aa_compile.export.cli import add_subcommand as add_export_subcommand
+from aa_compile.mad.cli import add_subcommand as add_mad_subcommand
+from aa_compile.sae.cli import add_subcommand as add_sae_subcommand
 from aa_compile.threads import add_threads_argument, set_threads
 
 
@@ -552,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     _fdtm_plan_parser(actions)
     _fdtm_apply_parser(actions)
     add_export_subcommand(sub)
+    add_sae_subcommand(sub)
+    add_mad_subcommand(sub)
     return parser
 
 

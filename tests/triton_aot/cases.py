@@ -256,11 +256,33 @@ def _fp8_cases() -> list[Case]:
     return out
 
 
+def _sae_cases() -> list[Case]:
+    """Sparse SAE decode and the sparse backward of encode (both on the trigram-bag kernels) at
+    16x latents of the hidden size, k 32, 1024 tokens."""
+    n, k, latents = 1024, 32, 16 * HIDDEN
+    idx = torch.randint(0, latents, (n, k), generator=torch.Generator().manual_seed(9))
+    out = []
+    for dt in ALL:
+        s = _short(dt)
+        out += [
+            Case(f"sae_decode-k{k}-{s}", "aa::sae_decode",
+                 lambda dt=dt: (_empty(latents, HIDDEN, dtype=dt), idx, _empty(n, k, dtype=dt))),
+            Case(f"sae_decode_backward-k{k}-{s}", "aa::sae_decode_backward",
+                 lambda dt=dt: (_empty(n, HIDDEN, dtype=dt), _empty(latents, HIDDEN, dtype=dt),
+                                idx, _empty(n, k, dtype=dt), True, True)),
+            Case(f"sae_encode_backward-k{k}-{s}", "aa::sae_encode_backward",
+                 lambda dt=dt: (_empty(n, k, dtype=dt), _empty(n, HIDDEN, dtype=dt),
+                                _empty(latents, HIDDEN, dtype=dt), _empty(HIDDEN, dtype=dt),
+                                _filled(n, k, dtype=dt), idx, True)),
+        ]
+    return out
+
+
 def cases() -> list[Case]:
     """Every case, in a stable order (names unique)."""
     out = (_norm_cases() + _guide_add_cases() + _trigram_bag_cases() + _hashed_cases()
            + _dictionary_cases() + _word_pool_cases() + _window_cases() + _atman_cases()
-           + _int8_cases() + _fp8_cases())
+           + _int8_cases() + _fp8_cases() + _sae_cases())
     names = [c.name for c in out]
     assert len(set(names)) == len(names), "case names must be unique"
     return out

@@ -173,10 +173,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _saved_model(directory: str):
     """``(model, tokenizer, config.json)`` of a saved model directory; a DTM-compressed one
-    (``fdtm apply --out``) through `aa_compile.dtm.load_applied`."""
+    (``fdtm apply --out``) through `aa_compile.dtm.load_applied`; a released HAT model (Hugging
+    Face layout) through `HATModel.from_pretrained`."""
     from aa_compile import dtm
     from aa_compile.models import checkpoint
+    from aa_compile.models.hat import HATModel
+    from aa_compile.models.hat.pretrained import MODEL_TYPE, HATCheckpointWarning
 
+    raw = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")) \
+        if (Path(directory) / "config.json").is_file() else None
+    if isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE:  # a released HAT model
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", HATCheckpointWarning)
+            return HATModel.from_pretrained(directory), None, {"kind": "hat"}
     meta = checkpoint.read_config(directory)
     model = dtm.load_applied(directory) if "dtm" in meta else checkpoint.load_model(directory)
     return model, checkpoint.load_tokenizer(directory), meta

@@ -26,6 +26,7 @@ against).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from .modules import (
     rope_at,
     word_grid,
 )
+from .pretrained import load_hat_pretrained, save_hat_pretrained
 from .splitter import HATByteSplitter
 
 
@@ -78,6 +80,21 @@ class HATModel(nn.Module):
                 nn.init.normal_(p, std=std / math.sqrt(2 * layers[name.split(".")[0]]))
             else:
                 nn.init.normal_(p, std=std)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str = "cpu") -> HATModel:
+        """A released Aleph Alpha HAT checkpoint (Hugging Face layout: config.json +
+        model.safetensors or a sharded index), strictly mapped, built on the meta device and
+        filled from memory-mapped files; see `aa_compile.models.hat.pretrained` and
+        docs/checkpoints.md (it warns the one forward difference we cannot bridge)."""
+        return load_hat_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None
+                        ) -> list[Path]:
+        """Write this model in the released Hugging Face layout (load -> save is bit-exact);
+        ``max_shard_bytes`` shards the weights with a ``model.safetensors.index.json``."""
+        return save_hat_pretrained(self, path, max_shard_bytes)
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts per part and in total."""

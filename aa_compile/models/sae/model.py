@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,8 +130,7 @@ class SparseAutoencoder(nn.Module):
         self.decoder = nn.Linear(cfg.n_latents, cfg.n_inputs, bias=False)
         if cfg.activation == "jumprelu":
             self.log_threshold = nn.Parameter(
-                torch.full((cfg.n_latents,), float(torch.log(torch.tensor(
-                    cfg.jumprelu_init_threshold)))))
+                torch.full((cfg.n_latents,), math.log(cfg.jumprelu_init_threshold)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -2,7 +2,9 @@
 
     import aa_compile                      # optional: the backend is also an entry point
     model = torch.compile(model, backend="aa", options={"inner_compiler": "inductor"})
-    print(aa_compile.report(model, inputs))
+    print(aa_compile.report(model, inputs))  # compile afresh, run once, what the passes did
+    aa_compile.last_report()                  # the graphs of the model compiled last
+    aa_compile.reports()                      # every compile so far (clear_reports() forgets)
 
 See ``docs/architecture.md`` for the layers (passes -> ops -> kernels).
 """
@@ -15,7 +17,7 @@ from aa_compile import ops  # noqa: F401  (defines the aa:: custom ops)
 from aa_compile.backend import aa_backend, compile, report
 from aa_compile.config import Config
 from aa_compile.logger import configure_from_env, log
-from aa_compile.report import CompileReport, GraphReport, last_report
+from aa_compile.report import CompileReport, GraphReport, clear_reports, last_report, reports
 
 __version__ = "0.1.0"
 BACKEND_NAME = "aa"
@@ -26,10 +28,12 @@ __all__ = [
     "Config",
     "GraphReport",
     "aa_backend",
+    "clear_reports",
     "compile",
     "last_report",
     "log",
     "report",
+    "reports",
 ]
 
 

@@ -3,6 +3,7 @@
     torch.compile(model, backend="aa", options={"inner_compiler": "inductor", ...})
     aa_compile.compile(model, options=...)      # the same, options checked now
     aa_compile.report(fn, *args, options=...)   # compile afresh, run once, CompileReport
+    aa_compile.last_report()                    # the graphs of the model compiled last
 
 Dynamo gives us its torch-level FX graph with fake example inputs. Each enabled pass rewrites
 that graph in place (into ``aa::`` ops) and records what it did (`aa_compile.report`); the
@@ -30,7 +31,14 @@ from aa_compile.logger import log
 from aa_compile.ops.registry import install_inductor_decompositions, source_hash
 from aa_compile.passes.base import PassContext, PassResult
 from aa_compile.passes.pipeline import PASSES
-from aa_compile.report import CompileReport, GraphReport, collecting, next_graph_index, record
+from aa_compile.report import (
+    CompileReport,
+    GraphOrigin,
+    GraphReport,
+    graph_origin,
+    new_compile,
+    record,
+)
 
 
 def run_passes(gm: fx.GraphModule, example_inputs: list, config: Config) -> list[PassResult]:
@@ -125,19 +133,33 @@ def aa_backend(
     mode: str | None = None,
 ):
     """The ``aa`` backend (registered under that name; see the module docstring)."""
+    config = _config(options, mode)
+    return _compile_graph(gm, example_inputs, config, origin=graph_origin(gm, example_inputs, config))
+
+
+def _config(options: Mapping[str, Any] | Config | None, mode: str | None) -> Config:
     config = Config.from_options(options)
     if mode is not None and config.mode is None:
         config = dataclasses.replace(config, mode=mode)
+    return config
+
+
+def _compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, *,
+                   origin: GraphOrigin | None = None, into: CompileReport | None = None):
+    """Run the passes on one graph, record its report (under ``into`` or by ``origin``, see
+    `aa_compile.report.record`), hand it to the inner compiler."""
     nodes_before = len(gm.graph.nodes)
     results = run_passes(gm, example_inputs, config)
     record(
         GraphReport(
-            index=next_graph_index(),
+            index=0,  # numbered by record, within its compile
             nodes_before=nodes_before,
             nodes_after=len(gm.graph.nodes),
             inner_compiler=config.inner_compiler,
             passes=results,
-        )
+        ),
+        origin=origin,
+        into=into,
     )
     log.info(
         "aa: graph with %d nodes, rewrites %s, inner compiler %s",
@@ -169,17 +191,26 @@ def report(
 
     ``fn`` may be a module or any callable; ``options`` are the backend options (see
     `aa_compile.Config`). The compile is independent of earlier ``torch.compile`` calls of the
-    same function, so the report always covers every graph.
+    same function, so the report always covers every graph; it is also listed in
+    `aa_compile.reports` (and is `aa_compile.last_report` until the next compile).
     """
     if not callable(fn):
         raise TypeError(
             f"aa_compile.report: fn must be a module or callable, got {type(fn).__name__}"
         )
     config = Config.from_options(options)
+    collected = new_compile()
 
-    def backend(gm, example_inputs):  # a fresh backend object forces a fresh dynamo compile
-        return aa_backend(gm, example_inputs, options=config)
+    def backend(gm, example_inputs, mode=None):  # a fresh backend forces a fresh dynamo compile
+        return _compile_graph(gm, example_inputs, _config(config, mode), into=collected)
 
-    with collecting() as collected:
+    # Each call's fresh backend adds cache entries to fn's code; dynamo counts them against its
+    # recompile limits and, past them, would run fn uncompiled (an empty report).
+    from torch._dynamo import config as dynamo_config
+
+    with dynamo_config.patch(recompile_limit=_NO_LIMIT, accumulated_recompile_limit=_NO_LIMIT):
         torch.compile(fn, backend=backend)(*args, **kwargs)
     return collected
+
+
+_NO_LIMIT = 2**31 - 1

@@ -1,10 +1,23 @@
 """Compile reports: which passes ran on which graph, what they rewrote, and what they left and why.
 
-The backend records a `GraphReport` for every graph dynamo hands it (`record`). `last_report()`
-returns the graphs of the compiles so far in this process; inside ``with collecting() as rep``
-they are collected into ``rep`` as well, which is how `aa_compile.report(fn, *args)`
-(`aa_compile.backend.report`) reports one fresh compile. This module sits below the backend: it
-imports no compiler.
+The backend records a `GraphReport` for every graph dynamo hands it (`record`) and this module
+groups the graphs into *compiles*, one `CompileReport` each:
+
+- `last_report()`: the compile that received the most recent graph, i.e. the model or function
+  compiled last (all its graphs: the pieces between graph breaks, and its recompiles until
+  another model or function is compiled);
+- `reports()`: every compile since the process started or since `clear_reports()`;
+- `collecting()`: every graph compiled inside a ``with`` block, whatever compile it joins.
+
+A ``torch.compile(fn, backend="aa")`` callable is invisible to a backend: dynamo hands it graphs
+and example inputs only. So a graph joins the latest compile when it comes from the same Python
+function (the code after a graph break counts as the function it continues) with the same
+options and, where both have parameters, shares one with it (the same model, not a second
+instance of its class); otherwise it starts a new compile. `aa_compile.report(fn, *args)` compiles
+with a backend of its own (`new_compile`), so its compile holds exactly its graphs.
+
+Graphs are numbered from 1 within their compile (`GraphReport.index`). This module sits below
+the backend: it imports no compiler.
 """
 
 from __future__ import annotations
@@ -12,15 +25,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator
+import re
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import torch
+import torch.fx as fx
 
 from aa_compile.passes.base import PassResult
 
 
 @dataclasses.dataclass
 class GraphReport:
-    """The passes' results on one dynamo graph."""
+    """The passes' results on one dynamo graph; ``index`` is its number in its compile (from 1)."""
 
     index: int
     nodes_before: int
@@ -31,7 +49,7 @@ class GraphReport:
 
 @dataclasses.dataclass
 class CompileReport:
-    """Everything the ``aa`` backend did during one compile (one or more graphs)."""
+    """Everything the ``aa`` backend did for one compile (one or more graphs)."""
 
     graphs: list[GraphReport] = dataclasses.field(default_factory=list)
 
@@ -85,35 +103,135 @@ class CompileReport:
         return "\n".join(lines)
 
 
-_active: contextvars.ContextVar[CompileReport | None] = contextvars.ContextVar(
-    "aa_compile_report", default=None
+@dataclasses.dataclass
+class GraphOrigin:
+    """Where a graph comes from, as far as a backend can tell: what groups graphs into compiles.
+
+    ``function`` is ``(file, name)`` of the Python function dynamo compiled (``None`` when the
+    graph carries no stack traces), with graph-break continuations named after the function
+    they continue; ``options`` the backend options; ``parameters`` the ``nn.Parameter``s the
+    graph reads (those of the model it belongs to).
+    """
+
+    function: tuple[str, str] | None
+    options: Any
+    parameters: list[torch.nn.Parameter]
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line \d+, in (?P<name>\S+)')
+# dynamo's name for the code after a graph break; should it change, a graph break would start a
+# new compile (tests/test_report.py would notice)
+_RESUME = re.compile(r"^torch_dynamo_resume_in_(?P<name>.+)_at_\d+$")
+
+
+def graph_origin(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Any) -> GraphOrigin:
+    """The `GraphOrigin` of a dynamo graph, from its nodes' stack traces and its inputs."""
+    function = None
+    for node in gm.graph.nodes:
+        match = _FRAME.search(node.meta.get("stack_trace") or "")
+        if match:
+            name = match["name"]
+            while (resume := _RESUME.match(name)) is not None:
+                name = resume["name"]
+            function = (match["file"], name)
+            break
+    parameters = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    parameters += list(gm.parameters())
+    return GraphOrigin(function, options, parameters)
+
+
+class _Grouping:
+    """The origin of the latest compile grouped by origin; decides whether a graph joins it."""
+
+    def __init__(self, report: CompileReport, origin: GraphOrigin) -> None:
+        self.report = report
+        self.function = origin.function
+        self.options = origin.options
+        self.had_parameters = False
+        # by id, held weakly: tensors compare by value, and a freed model must not stay alive
+        self.parameters: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.add(origin)
+
+    def admits(self, origin: GraphOrigin) -> bool:
+        if origin.function is None or origin.function != self.function:
+            return False
+        if origin.options != self.options:
+            return False
+        if origin.parameters and self.had_parameters:
+            return any(self.parameters.get(id(p)) is p for p in origin.parameters)
+        return True
+
+    def add(self, origin: GraphOrigin) -> None:
+        self.had_parameters |= bool(origin.parameters)
+        self.parameters.update({id(p): p for p in origin.parameters})
+
+
+_active: contextvars.ContextVar[list[CompileReport] | None] = contextvars.ContextVar(
+    "aa_compile_collecting", default=None
 )
-_last = CompileReport()
+_compiles: list[CompileReport] = []
+_latest: CompileReport | None = None
+_grouping: _Grouping | None = None
 
 
-def record(graph: GraphReport) -> None:
-    """Called by the backend for every graph it compiles."""
-    _last.graphs.append(graph)
-    active = _active.get()
-    if active is not None:
-        active.graphs.append(graph)
+def new_compile() -> CompileReport:
+    """A compile that takes exactly the graphs recorded ``into`` it (see `record`); it joins
+    `reports` with its first graph."""
+    return CompileReport()
 
 
-def next_graph_index() -> int:
-    return len(_last.graphs)
+def record(graph: GraphReport, origin: GraphOrigin | None = None,
+           into: CompileReport | None = None) -> None:
+    """Called by the backend for every graph it compiles: file ``graph`` under its compile and
+    number it there. ``into``: a compile from `new_compile`; otherwise ``origin`` decides
+    whether the graph joins the latest compile or starts a new one (module docstring)."""
+    global _latest, _grouping
+    if into is None:
+        if origin is None:
+            raise ValueError("aa_compile.report.record: give the graph's origin or a compile")
+        if _grouping is not None and _grouping.report is _latest and _grouping.admits(origin):
+            _grouping.add(origin)
+            into = _grouping.report
+        else:
+            into = CompileReport()
+            _grouping = _Grouping(into, origin)
+    if not into.graphs:
+        _compiles.append(into)
+    graph.index = len(into.graphs) + 1
+    into.graphs.append(graph)
+    _latest = into
+    collected = _active.get()
+    if collected is not None:
+        collected.append(graph)
 
 
 def last_report() -> CompileReport:
-    """Graphs compiled by the ``aa`` backend so far in this process (all compiles)."""
-    return CompileReport(list(_last.graphs))
+    """The last compile: every graph of the model or function the ``aa`` backend compiled last
+    (its graph breaks, and its recompiles until another compile came between). Empty before
+    the first compile."""
+    return CompileReport(list(_latest.graphs)) if _latest is not None else CompileReport()
+
+
+def reports() -> list[CompileReport]:
+    """Every compile of the ``aa`` backend since the process started or `clear_reports`, oldest
+    first (copies: recording more graphs does not change them)."""
+    return [CompileReport(list(r.graphs)) for r in _compiles]
+
+
+def clear_reports() -> None:
+    """Forget the compiles so far: `reports` and `last_report` start empty again."""
+    global _latest, _grouping
+    _compiles.clear()
+    _latest = None
+    _grouping = None
 
 
 @contextlib.contextmanager
 def collecting() -> Iterator[CompileReport]:
-    """Collect the graphs the backend records inside the block into a fresh `CompileReport`
-    (as well as into `last_report`); nested blocks collect into the innermost one only."""
+    """Collect every graph the backend records inside the block into a fresh `CompileReport`,
+    whichever compiles they belong to; nested blocks collect into the innermost one only."""
     collected = CompileReport()
-    token = _active.set(collected)
+    token = _active.set(collected.graphs)
     try:
         yield collected
     finally:

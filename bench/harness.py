@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from aa_compile.report import collecting
 from bench.roofline import Work
 
 #: Variants every workload has; peers (named after what they are) are added per workload.
@@ -276,19 +277,6 @@ def peak_of_running_sum(sizes) -> int:
     return peak
 
 
-def aa_graph_count() -> int:
-    import aa_compile
-
-    return len(aa_compile.last_report().graphs)
-
-
-def aa_rewrites_since(start: int) -> dict[str, int]:
-    """Rewrites per pass in the graphs the ``aa`` backend compiled since ``start`` graphs."""
-    import aa_compile
-
-    return aa_compile.CompileReport(aa_compile.last_report().graphs[start:]).rewrites
-
-
 def run_benchmark(
     benchmark,
     fn: Callable[[], Any],
@@ -329,13 +317,13 @@ def run_benchmark(
     benchmark.group = f"{workload} {shape} {dtype_name(dtype)}"
 
     if first:
-        graphs_before = aa_graph_count() if variant == "aa" else 0
         sync(device)
         start = time.perf_counter()
-        fn()
+        with collecting() as compiled:  # the graphs the aa backend compiles in this first call
+            fn()
         info["compile_s"] = round(time.perf_counter() - start, 4)
         if variant == "aa":
-            info["aa_rewrites"] = aa_rewrites_since(graphs_before)
+            info["aa_rewrites"] = compiled.rewrites
         peak = peak_memory_mib(fn, device)
         info["peak_mib"] = None if peak is None else round(peak, 3)
 

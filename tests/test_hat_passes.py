@@ -25,7 +25,7 @@ from aa_compile.backend import aa_backend
 from aa_compile.config import Config
 from aa_compile.models.hat import HATConfig, HATModel, sliding_window_mask
 from aa_compile.models.transformer import RMSNorm
-from aa_compile.report import CompileReport
+from aa_compile.report import CompileReport, collecting
 from aa_compile.passes.hat.window_attention import prove_window_mask, window_definition
 
 FUSED, ADD = torch.ops.aa.guide_add_rms_norm.default, torch.ops.aa.guide_add.default
@@ -234,16 +234,16 @@ def test_batches_of_other_shapes_keep_the_hat_ops(dynamic):
     m = _two_layer_hat(True)
     backend, graphs = capturing()
     compiled = torch.compile(m.loss, backend=backend, dynamic=dynamic)
-    start = len(aa_compile.last_report().graphs)
-    for texts in BATCHES:
-        _assert_equal_to_eager(m, compiled, m.splitter.encode(texts))
+    with collecting() as rep:
+        for texts in BATCHES:
+            _assert_equal_to_eager(m, compiled, m.splitter.encode(texts))
     assert any(g.dynamic for g in graphs), "no dynamic-shape graph was compiled"
     cfg = m.config
     for graph in graphs:
         assert graph.ops[WINDOW] == cfg.encoder.n_layers + cfg.decoder.n_layers, graph
         assert graph.ops[POOL] == 1 and graph.ops[FUSED] == 2 and not graph.ops[ADD], graph
         assert sum(graph.ops[s] for s in SDPA) == cfg.backbone.n_layers, graph  # causal
-    skipped = CompileReport(aa_compile.last_report().graphs[start:]).skipped
+    skipped = rep.skipped
     assert not [s for s in skipped if s[0].startswith("hat_")], skipped
 
 
@@ -349,11 +349,11 @@ def test_window_changed_at_run_time_is_not_rewritten():
                           sliding_window_mask(*_doc_positions(offsets, q.shape[2]), window))
 
     compiled = torch.compile(fn, backend="aa", options=OPTIONS)
-    start = len(aa_compile.last_report().graphs)
-    for window in (5, 6, 9):
-        torch.testing.assert_close(compiled(q, k, v, OFFSETS, window),
-                                   fn(q, k, v, OFFSETS, window))
-    graphs = aa_compile.last_report().graphs[start:]
+    with collecting() as rep:
+        for window in (5, 6, 9):
+            torch.testing.assert_close(compiled(q, k, v, OFFSETS, window),
+                                       fn(q, k, v, OFFSETS, window))
+    graphs = rep.graphs
     rewrites = [sum(p.rewrites for p in g.passes if p.name == "hat_window_attention")
                 for g in graphs]
     assert rewrites[0] == 1 and rewrites[-1] == 0, rewrites

@@ -27,7 +27,6 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import aa_compile.ops  # noqa: F401  (defines aa::atman_attention)
+from aa_compile.distributed.work import (
+    check_close,
+    check_group,
+    check_same,
+    is_writer,
+    owned,
+    sum_over_ranks,
+)
+from aa_compile.progress import progress as progress_bar
 
 from .explanation import Explanation
 from .rewrite import AtmanAttentionMode
@@ -230,7 +238,7 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
             progress: bool = True, tokenizer=None, attention_mask: Tensor | None = None,
             include_target: bool = False, prefix_sharing: bool = True,
             max_batch_size: int = DEFAULT_MAX_BATCH,
-            batch_tokens: int | None = None) -> Explanation:
+            batch_tokens: int | None = None, group=None) -> Explanation:
     """Explain ``target`` (the continuation) by the prompt ``input_ids`` with AtMan.
 
     Args:
@@ -257,9 +265,14 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
         include_target: also explain each target token by the target tokens before it.
         prefix_sharing: run perturbations only from their first suppressed position on
             (exact; False recomputes full sequences as the original does).
+        group: a ``torch.distributed`` process group whose ranks each run every
+            ``world``-th perturbation batch and sum the scores (every rank returns the whole
+            explanation, equal to one process's; every rank must pass the same model and
+            arguments). None: one process.
     Returns:
         :class:`Explanation` with ``scores [T, n_items]`` = ΔCE (relevant items negative).
     """
+    check_group(group)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(factor, (int, float)) or math.isnan(factor):
@@ -339,7 +352,8 @@ def explain(model, input_ids, target, *, factor: float = 0.1, mode: str = "log_a
             with amode:
                 return _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels,
                             target_labels, mode, float(factor), conceptual_threshold,
-                            max_memory, max_batch_size, batch_tokens, progress, layer_list)
+                            max_memory, max_batch_size, batch_tokens, progress, layer_list,
+                            group)
     finally:
         model.train(was_training)
 
@@ -383,7 +397,7 @@ def _takes(model, name: str) -> bool:
 
 def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, target_labels,
          mode, factor, conceptual_threshold, max_memory, max_batch_size, batch_tokens, progress,
-         layers):
+         layers, group=None):
     device = seq.device
     amode.begin("record", 0, S)
     base_logits = _forward(model, kind, seq[None], 0, S - (P - 1))
@@ -438,14 +452,17 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
                 continue
         batches.append([i])
 
+    # the batches differ when the inputs or settings do, the baseline when the models do
+    check_same("explain inputs or settings", (seq, tgt, specs, batches), group)
+    check_close("the models' baseline cross-entropies", base_ce, group)
+    mine = set(owned(len(batches), group))
     scores = torch.zeros(T, len(items), dtype=torch.float32)
-    computed = S
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc="atman", unit="perturbation", file=sys.stderr)
-    for batch in batches:
+    computed = S + sum(len(b) * (S - starts[b[0]]) for b in batches)
+    bar = (progress_bar(total=sum(len(batches[i]) for i in mine), desc="atman",
+                        unit="perturbation") if progress and is_writer(group) else None)
+    for k, batch in enumerate(batches):
+        if k not in mine:
+            continue
         start = starts[batch[0]]
         length = S - start
         width = max(1, max(len(specs[i]) for i in batch))
@@ -468,11 +485,11 @@ def _run(model, kind, amode, seq, tgt, P, T, S, items, specs, item_labels, targe
             # (exactly 0; the batch recomputed them only because it starts earlier)
             own = max(first, lowest[i] - (P - 1))
             scores[own:, i] = delta[r, own - first:]
-        computed += len(batch) * length
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
         bar.close()
+    scores = sum_over_ranks(scores, group)  # each column comes from one rank, zeros elsewhere
     stats: dict[str, Any] = {
         "model_kind": kind,
         "positions": S,

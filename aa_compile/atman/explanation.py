@@ -76,7 +76,7 @@ class Explanation:
         import matplotlib.pyplot as plt
 
         rel = self.relevance().numpy()
-        w = max(4.0, 0.35 * rel.shape[1] + 2)
+        w = max(5.0, 0.35 * rel.shape[1] + 2)
         h = max(2.0, 0.35 * rel.shape[0] + 1.5)
         fig, ax = plt.subplots(figsize=(min(w, 40), min(h, 30)))
         lim = float(abs(rel).max()) or 1.0
@@ -85,10 +85,12 @@ class Explanation:
         ax.set_yticks(range(rel.shape[0]), self.target_labels, fontsize=7)
         ax.set_xlabel("explained item")
         ax.set_ylabel("target token")
-        ax.set_title(f"AtMan relevance (-ΔCE, {self.mode}, factor {self.factor})")
+        ax.set_title(f"AtMan relevance (-ΔCE)\n{self.mode} mode, factor {self.factor}",
+                     fontsize=10)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        # "tight" grows the saved area to whatever sticks out (a long title, long labels)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
 

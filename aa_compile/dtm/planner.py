@@ -22,6 +22,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from aa_compile.progress import progress as progress_bar
+
 from .apply import apply
 from .components import compressed_weight, find_components, parse, set_weight_oi, weight_oi
 from .metrics import dtm, generate, summarize
@@ -63,11 +65,7 @@ def greedy_plan(model: nn.Module, sweep_result: dict, prompts: Tensor, tau: floa
     plan: dict[str, str] = {}
     saved: dict[str, float] = {}
     trials = 0
-    it = pairs
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(pairs, desc=f"plan ({order})", unit="try")
+    it = progress_bar(pairs, desc=f"plan ({order})", unit="try") if progress else pairs
     for _, name, lv, b in it:
         if b <= saved.get(name, 0.0):
             continue

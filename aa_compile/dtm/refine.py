@@ -26,6 +26,8 @@ import itertools
 import torch
 from torch import Tensor, nn
 
+from aa_compile.progress import progress as progress_bar
+
 from .components import find_components, magnitude_prune, parse, set_weight_oi, weight_oi
 from .metrics import RANK_STATISTICS, check_fraction, check_prompts, generate
 from .sweep import Measurer
@@ -108,11 +110,7 @@ def refine_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float |
     smallest = min(c.numel for c in comps.values())
     quantum = max(1, round(step * smallest))
     floor = max(1, round(min_step * smallest))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=rounds, desc="fdtm refine", unit="round")
+    bar = progress_bar(total=rounds, desc="fdtm refine", unit="round") if progress else None
     ctx = Measurer(work, reference, prompts.shape[1], n_tokens, batch_size)
     now = start_summary = ctx.measure()
     exchanges = tried_rounds = measurements = 0

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from aa_compile.progress import progress as progress_bar
+
 from .apply import apply
 from .components import find_components, magnitude_prune, parse, set_weight_oi, weight_oi
 from .metrics import RANK_STATISTICS, check_fraction, check_prompts, dtm, generate
@@ -87,11 +89,8 @@ def budget_plan(model: nn.Module, prompts: Tensor, n_tokens: int, share: float,
     def saved() -> float:
         return sum(saved_by(n, i) for n, i in level.items())
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=round(share * total), desc="fdtm rounds", unit="B", unit_scale=True)
+    bar = progress_bar(total=round(share * total), desc="fdtm rounds", unit="B",
+                       unit_scale=True) if progress else None
     rounds = measurements = 0
     while saved() < share * total:
         ctx = Measurer(work, reference, prompts.shape[1], n_tokens, batch_size)

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from aa_compile.distributed.work import check_group, check_same, is_writer, merge_owned, owned
+from aa_compile.progress import progress as progress_bar
+
 from .components import (
     Component,
     compressed_weight,
@@ -120,12 +123,16 @@ class Measurer:
 def sweep(model: nn.Module, prompts: Tensor, n_tokens: int, levels=DEFAULT_LEVELS,
           components: list[str] | None = None, reuse: bool = True, batch_size: int = 64,
           progress: bool = True, tau: float | None = None,
-          reference: Tensor | None = None) -> dict:
+          reference: Tensor | None = None, group=None) -> dict:
     """Sweep every component × level; returns a JSON-able dict (see ``docs/dtm.md``).
 
     ``reuse`` resumes from cached layer states (reference transformer only; other models
     recompute from scratch). ``reference``: the base ``generate`` output, if already known.
+    ``group``: a ``torch.distributed`` process group whose ranks each sweep every
+    ``world``-th component and gather the rest (every rank returns the whole result, equal to
+    one process's; every rank must pass the same model, prompts and settings). None: one process.
     """
+    check_group(group)
     check_prompts(prompts, n_tokens)
     comps = find_components(model)
     if components is not None:
@@ -140,19 +147,23 @@ def sweep(model: nn.Module, prompts: Tensor, n_tokens: int, levels=DEFAULT_LEVEL
     p = prompts.shape[1]
     if reference is None:
         reference = generate(model, prompts, n_tokens, batch_size)
+    # the greedy continuations differ when the models or prompts do
+    check_same("sweep settings, prompts or models", ([c.spec for c in parsed], list(comps),
+               reuse, batch_size, tau, reference), group)
     ctx = Measurer(model, reference, p, n_tokens, batch_size, reuse)
     reuse = ctx.runner is not None
     base_nll = torch.cat([_preds_nll(logits_of(model, c[:, :-1]), c, p)[1] for c in ctx.chunks])
 
     elt = next(model.parameters()).element_size()
     results: dict[str, dict] = {}
-    total = len(comps) * len(parsed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="fdtm sweep", unit="run")
+    names = list(comps)
+    mine = {names[i] for i in owned(len(names), group)}
+    total = len(mine) * len(parsed)
+    bar = (progress_bar(total=total, desc="fdtm sweep", unit="run")
+           if progress and is_writer(group) else None)
     for name, comp in comps.items():
+        if name not in mine:
+            continue
         mod = model.get_submodule(name)
         original = weight_oi(mod).detach().clone()
         results[name] = {}
@@ -171,6 +182,9 @@ def sweep(model: nn.Module, prompts: Tensor, n_tokens: int, levels=DEFAULT_LEVEL
             set_weight_oi(mod, original)
     if bar is not None:
         bar.close()
+    if group is not None:
+        parts = merge_owned({names.index(n): r for n, r in results.items()}, len(names), group)
+        results = dict(zip(names, parts))
     return {
         "n_tokens": n_tokens, "prompt_len": p, "n_prompts": int(prompts.shape[0]),
         "levels": [c.spec for c in parsed], "reuse": reuse, "element_size": elt,

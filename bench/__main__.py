@@ -5,6 +5,7 @@
     python -m bench --device cuda --out DIR -k rms_norm --rounds 20
     python -m bench --quick --cold-cache    # compile_s of a cold compile, not cache hits
     python -m bench --quick -- -x           # anything after -- goes to pytest
+    python -m aa_compile.bench --quick      # the same from any directory (editable install)
 
 Runs ``pytest bench/ -p no:cacheprovider -v`` with ``--benchmark-json`` (a temporary file),
 ``--benchmark-save-data`` and ``--benchmark-disable-gc``, then `bench.report` writes
@@ -35,10 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "Benchmark the aa backend against eager and inductor (pytest-benchmark), then "
             "write a report (JSON, Markdown table, PNG chart) and print the table."
         ),
-        epilog="Arguments after '--' are passed to pytest unchanged.",
+        epilog="Arguments after '--' are passed to pytest unchanged. This runs from the "
+               "repository root; from any other directory use 'python -m aa_compile.bench' "
+               "(same arguments).",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="small shapes only (the whole set takes tens of minutes on a 2-core CPU, compiles included: pick workloads with -k)")
+                        help="small shapes only (the whole set takes tens of minutes on a "
+                             "2-core CPU, compiles included: pick workloads with -k)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to benchmark on (default: cuda if available, else cpu)")
     parser.add_argument("-k", dest="keyword", metavar="EXPR", default=None,

@@ -1,5 +1,5 @@
 """FDTM-guided pruning vs uniform pruning at equal parameter reduction, on the trained reference
-transformer (`bench.train_reference`, cached).
+transformer (`bench.train_reference`, trained once and cached: `bench.reference_cache`).
 
     python -m bench.dtm_plan --shares 0.25,0.5,0.75 --plot dtm_plan.png
 
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from aa_compile import dtm
+from bench.reference_cache import reference_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -30,10 +31,7 @@ def run(shares=(0.25, 0.5, 0.75), n_prompts: int = 32, prompt_len: int = 32,
         n_tokens: int = 64, method: str = "refine", eval_prompts: int = 64,
         statistic: str = "fdt_mean", steps=(0.25, 0.5, 0.75, 0.9), fraction: float = 0.25,
         rank: str = "result", rounds: int = 12, progress: bool = True) -> dict:
-    from bench.train_reference import load_or_train
-
-    ckpt = RESULTS / "dtm_reference.pt"
-    model = load_or_train(ckpt if ckpt.exists() else None)
+    model = reference_model(progress=progress)
     prompts = dtm.byte_prompts(n_prompts, prompt_len, seed=0)
     held_out = dtm.byte_prompts(eval_prompts, prompt_len, seed=1) if eval_prompts else None
     kwargs = ({"steps": steps, "fraction": fraction, "rank": rank} if method == "rounds"

@@ -5,7 +5,9 @@ float32 ``F.linear`` at batch 1 on a CPU).
 Two ways to run it:
 
 - ``python -m bench.test_dtm`` (or ``test_dtm_bench`` under pytest): the sweep and a quick
-  per-shape int8 table (`bench_int8`), written to ``bench/results/dtm.json``;
+  per-shape int8 table (`bench_int8`), written to ``bench/results/dtm.json``. The sweep's
+  trained model comes from `bench.reference_cache` (trained on a machine's first run, then
+  loaded from the cache);
 - the harness (``python -m bench -k int8_decode``, see ``bench/README.md``): workloads
   ``int8_linear_decode`` (one linear at batch-1 decode, ``x [M, K]`` with ``M = 1`` unless the
   case says otherwise) and ``dtm_int8_model_decode`` (one batch-1 decode step of the reference
@@ -34,16 +36,14 @@ from aa_compile.kernels.int8_linear.reference import quantize_absmax
 
 from aa_compile import dtm
 from bench.harness import CaseLabels, bench_variant, seed_all
+from bench.reference_cache import reference_model
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def bench_sweep(n_prompts=16, prompt_len=32, n_tokens=32, levels=("prune:0.5", "int8"),
                 reps=3) -> dict:
-    from bench.train_reference import load_or_train
-
-    ckpt = RESULTS / "dtm_reference.pt"
-    model = load_or_train(ckpt if ckpt.exists() else None)
+    model = reference_model()
     prompts = dtm.byte_prompts(n_prompts, prompt_len)
     ref = dtm.generate(model, prompts, n_tokens)
     times = {}

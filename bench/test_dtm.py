@@ -41,9 +41,15 @@ from bench.reference_cache import reference_model
 RESULTS = Path(__file__).parent / "results"
 
 
+#: training steps of the reference model in the quick set: the sweep's timing (what the quick
+#: set records) does not depend on how far the weights were trained; the full set and
+#: `python -m bench.test_dtm` use the trained model of `bench.reference_cache.SETTINGS`
+QUICK_TRAINING_STEPS = 40
+
+
 def bench_sweep(n_prompts=16, prompt_len=32, n_tokens=32, levels=("prune:0.5", "int8"),
-                reps=3) -> dict:
-    model = reference_model()
+                reps=3, training: dict | None = None) -> dict:
+    model = reference_model(settings=training)
     prompts = dtm.byte_prompts(n_prompts, prompt_len)
     ref = dtm.generate(model, prompts, n_tokens)
     times = {}
@@ -97,16 +103,18 @@ def bench_int8(shapes=INT8_SHAPES, reps: int = 5) -> list[dict]:
     return rows
 
 
-def run() -> dict:
+def run(quick: bool = False) -> dict:
+    training = {"steps": QUICK_TRAINING_STEPS} if quick else None
     out = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "sweep": bench_sweep(), "int8": bench_int8()}
+           "threads": torch.get_num_threads(), "quick": quick,
+           "sweep": bench_sweep(training=training), "int8": bench_int8()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "dtm.json").write_text(json.dumps(out, indent=2))
     return out
 
 
-def test_dtm_bench():
-    out = run()
+def test_dtm_bench(settings):
+    out = run(quick=settings.quick)
     print(json.dumps(out, indent=2))
 
 

@@ -12,6 +12,7 @@ from aa_compile.models.hat import ByteBatch, HATConfig, HATModel
 from aa_compile.models.hat import generate as hat_generate
 from aa_compile.models.hat import model as hat_model
 from aa_compile.models.hat.generate import ByteWindowCache, HATCache
+from aa_compile.models.hat.rope import Llama3RopeScaling
 from aa_compile.models.transformer import TransformerConfig
 
 ENGLISH = "The quick brown fox jumps over the lazy dog."
@@ -38,6 +39,10 @@ CONFIGS = {
                        "decoder": _stack(layers=2, kv=4),
                        "backbone": TransformerConfig(vocab_size=1, d_model=96, n_layers=1,
                                                      n_heads=4, n_kv_heads=2, d_ff=192)},
+    # the released models' RoPE: pooling keys turned by byte minus word position, and a
+    # Llama-3 scaled backbone whose blend band covers these word positions; window 8
+    "released_rope_w8": {"pool_rope": True, "sliding_window": 8, "max_word_bytes": 6,
+                         "backbone_rope_scaling": Llama3RopeScaling(8.0, 1.0, 4.0, 16)},
 }
 
 
@@ -185,11 +190,13 @@ FORCED = [
     ("first_layer_w3", MIXED, " Пр 😀😀 HTMLParser", torch.float32, True),
     ("every_layer_w8", ENGLISH, " The fox, againAndAgain.", torch.float32, False),
     ("first_layer_w3", GERMAN, " Größe 日本 😀", torch.float64, True),
+    ("released_rope_w8", MIXED, " 日本語 Straße, againAndAgain 😀", torch.float32, True),
 ]
 
 
 @pytest.mark.parametrize("config, prompt, forced, dtype, rewinds", FORCED,
-                         ids=["cjk-tiny", "german-w8", "mixed-w3", "english-w8", "float64-w3"])
+                         ids=["cjk-tiny", "german-w8", "mixed-w3", "english-w8", "float64-w3",
+                              "released-rope-w8"])
 def test_cache_logits_equal_teacher_forced_forward(config, prompt, forced, dtype, rewinds,
                                                    monkeypatch):
     """Feed a fixed text byte by byte: at every step the cached logits equal the full forward

@@ -375,3 +375,166 @@ def test_float64_model_runs():
     m = model(dtype=torch.float64)
     assert m(batch_of(m)).dtype == torch.float64
     assert dataclasses.is_dataclass(batch_of(m))
+
+
+# -- the released models' RoPE: pooling RoPE and Llama-3 scaling ------------------------------
+
+def test_pooling_rope_equals_rotating_query_at_word_and_keys_at_byte_positions():
+    """``pool_rope``: a per-word loop in float64 that rotates the query at the word's position
+    and each key at its byte's position (how the released connector computes it) equals the
+    model's pooling, which turns only the keys, by byte position minus word position."""
+    m = model(dtype=torch.float64, pool_rope=True)
+    b = batch_of(m)
+    h = torch.randn(b.n_bytes, m.config.d_enc, dtype=torch.float64)
+    key_pos = b.byte_pos - b.word_pos[b.byte_word]
+    got = m.pooling(h, b.word_bytes, b.word_mask, key_pos)
+    p = m.pooling
+    n_heads, hd = p.n_heads, p.head_dim
+    inv = 1.0 / m.config.encoder.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+
+    def rotate(x, pos):  # x [..., hd] at integer position pos: rotate-half pairs
+        c, s = torch.cos(pos * inv), torch.sin(pos * inv)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+    def head_norm(x, norm):
+        return norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+
+    q0 = head_norm((p.q_proj.weight @ p.latent_query).view(n_heads, hd), p.q_norm)
+    assert b.word_pos.max() > 3  # later words sit far from position 0
+    for w in range(b.n_words):
+        a, e = b.word_offsets[w : w + 2].tolist()
+        q = rotate(q0, int(b.word_pos[w]))
+        k = head_norm((h[a:e] @ p.k_proj.weight.T).view(-1, n_heads, hd), p.k_norm)
+        k = torch.stack([rotate(k[i], int(b.byte_pos[a + i])) for i in range(e - a)])
+        v = (h[a:e] @ p.v_proj.weight.T).view(-1, n_heads, hd)
+        heads = [torch.softmax(k[:, j] @ q[j] / math.sqrt(hd), 0) @ v[:, j]
+                 for j in range(n_heads)]
+        want = p.o_proj.weight @ torch.cat(heads)
+        # cos/sin come from float32 angles; everything else is float64
+        torch.testing.assert_close(got[w], want, rtol=1e-5, atol=1e-6)
+    no_rope = model(dtype=torch.float64).pooling(h, b.word_bytes, b.word_mask)
+    assert (no_rope - got).abs().max() > 1e-3  # the rotation matters
+
+
+def test_pooling_rope_needs_key_positions_exactly_when_on():
+    b = batch_of(model())
+    h = torch.randn(b.n_bytes, 64)
+    with pytest.raises(ValueError, match="key_pos must be given exactly when"):
+        model(pool_rope=True).pooling(h, b.word_bytes, b.word_mask)
+    with pytest.raises(ValueError, match="key_pos must be given exactly when"):
+        model().pooling(h, b.word_bytes, b.word_mask, b.byte_pos)
+
+
+def _llama3_by_hand(head_dim, theta, factor, low, high, original):
+    """Llama-3 scaled inverse frequencies, element by element: short wavelengths (below
+    original / high) keep their frequency, long ones (above original / low) are divided by
+    factor, those between mix the two linearly in original / wavelength."""
+    out = []
+    for i in range(0, head_dim, 2):
+        f = theta ** (-i / head_dim)
+        wavelength = 2 * math.pi / f
+        if wavelength < original / high:
+            out.append(f)
+        elif wavelength > original / low:
+            out.append(f / factor)
+        else:
+            s = (original / wavelength - low) / (high - low)
+            out.append((1 - s) * f / factor + s * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("head_dim, theta, original", [(128, 500000.0, 8192), (12, 500000.0, 64),
+                                                       (16, 10000.0, 100)])
+def test_llama3_inv_freq_equals_the_rule_by_hand(head_dim, theta, original):
+    from aa_compile.models.hat.rope import Llama3RopeScaling, rope_inv_freq
+
+    scaling = Llama3RopeScaling(8.0, 1.0, 4.0, original)
+    got = rope_inv_freq(head_dim, theta, scaling)
+    want = _llama3_by_hand(head_dim, theta, 8.0, 1.0, 4.0, original)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    plain = rope_inv_freq(head_dim, theta)
+    assert got[0] == plain[0]  # the fastest rotation is kept
+    torch.testing.assert_close(got[-1], plain[-1] / 8)  # the slowest is 8 times slower
+    cos, sin = rope_at(torch.tensor([0, 5, 1000]), head_dim, theta, scaling)
+    angles = torch.tensor([0.0, 5.0, 1000.0], dtype=torch.float64)[:, None] * want
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=1e-4)
+
+
+def test_llama31_mid_band_frequency_by_hand():
+    """Llama-3.1's scaling (factor 8, bands 1 and 4, 8192 positions, theta 500000, head size
+    128): pair 32 has frequency 500000^-1/2 = 1/707.107, wavelength 4442.9, inside the blend;
+    mix = (8192 / 4442.9 - 1) / 3 = 0.28129, frequency (0.71871 / 8 + 0.28129) / 707.107 =
+    5.2485e-4."""
+    from aa_compile.models.hat.rope import Llama3RopeScaling, rope_inv_freq
+
+    got = rope_inv_freq(128, 500000.0, Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
+    assert abs(float(got[32]) - 5.2485e-4) < 1e-8
+
+
+def test_backbone_rope_scaling_changes_only_the_backbone_and_generation_agrees():
+    from aa_compile.models.hat.rope import Llama3RopeScaling
+
+    scaling = Llama3RopeScaling(8.0, 1.0, 4.0, 16)
+    plain, scaled = model(), model(backbone_rope_scaling=scaling)
+    scaled.load_state_dict(plain.state_dict())
+    b = batch_of(plain)
+    with torch.no_grad():
+        assert (plain(b) - scaled(b)).abs().max() > 1e-4
+    assert scaled.generate_bytes("Hello there, you", max_bytes=12) == \
+        scaled.generate_bytes("Hello there, you", max_bytes=12, use_cache=False)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ((0.0, 1.0, 4.0, 8192), "factor must be a number > 0"),
+    ((True, 1.0, 4.0, 8192), "factor must be a number > 0"),
+    ((8.0, float("nan"), 4.0, 8192), "low_freq_factor must be a number > 0"),
+    ((8.0, 4.0, 4.0, 8192), "high_freq_factor=4.0 must be larger than low_freq_factor=4.0"),
+    ((8.0, 1.0, 4.0, 0), "original_max_position_embeddings must be an int >= 1"),
+    ((8.0, 1.0, 4.0, 8192.0), "original_max_position_embeddings must be an int >= 1"),
+])
+def test_llama3_scaling_bad_fields(fields, match):
+    from aa_compile.models.hat.rope import Llama3RopeScaling
+
+    with pytest.raises(ValueError, match=match):
+        Llama3RopeScaling(*fields)
+
+
+def test_llama3_scaling_from_hf_and_config_types():
+    from aa_compile.models.hat.rope import Llama3RopeScaling
+
+    raw = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaling = Llama3RopeScaling.from_hf(raw)
+    assert scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 8192) and scaling.to_hf() == raw
+    old_key = {("type" if k == "rope_type" else k): v for k, v in raw.items()}
+    assert Llama3RopeScaling.from_hf(old_key) == scaling
+    with pytest.raises(ValueError, match="type 'linear' is not supported"):
+        Llama3RopeScaling.from_hf({**raw, "rope_type": "linear"})
+    with pytest.raises(ValueError, match="lacks high_freq_factor"):
+        Llama3RopeScaling.from_hf({k: v for k, v in raw.items() if k != "high_freq_factor"})
+    with pytest.raises(ValueError, match="must be an object"):
+        Llama3RopeScaling.from_hf([8.0])
+    # HATConfig takes the dataclass or its fields as a dict (how a saved JSON config holds it)
+    cfg = HATConfig.tiny(backbone_rope_scaling=dataclasses.asdict(scaling))
+    assert cfg.backbone_rope_scaling == scaling
+    with pytest.raises(TypeError, match="backbone_rope_scaling must be None or a"):
+        HATConfig.tiny(backbone_rope_scaling=8.0)
+    with pytest.raises(TypeError, match="pool_rope must be a bool"):
+        HATConfig.tiny(pool_rope=1)
+
+
+def test_saved_model_keeps_pool_rope_and_backbone_scaling(tmp_path):
+    """The aa-compile model format (JSON config) restores both settings."""
+    from aa_compile.models import checkpoint
+    from aa_compile.models.hat.rope import Llama3RopeScaling
+
+    m = model(pool_rope=True, backbone_rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 16))
+    checkpoint.save_model(m, tmp_path / "m")
+    again = checkpoint.load_model(tmp_path / "m")
+    assert again.config == m.config and again.config.pool_rope
+    b = batch_of(m)
+    with torch.no_grad():
+        assert torch.equal(again(b), m(b))

@@ -440,3 +440,29 @@ def test_pass_modules_import_alone_and_look_up_ops_when_run():
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# -- the released models' RoPE (pool_rope, Llama-3 backbone scaling) -----------------------------
+
+def test_passes_fire_on_a_pool_rope_model_and_match_eager():
+    """With the released pooling RoPE the query stays one shared vector (the keys are turned
+    by byte minus word position before the gather), so ``hat_word_pool`` still fires; the
+    Llama-3 scaled backbone changes no pass. Compiled loss and gradients equal eager."""
+    from aa_compile.models.hat.rope import Llama3RopeScaling
+
+    torch.manual_seed(1)
+    m = HATModel(HATConfig.tiny(sliding_window=7, pool_rope=True,
+                                backbone_rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 16)))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    b = m.splitter.encode(TEXTS)
+    rep = aa_compile.report(m.loss, b, options=OPTIONS)
+    cfg = m.config
+    assert rep.rewrites["hat_window_attention"] == cfg.encoder.n_layers + cfg.decoder.n_layers
+    assert rep.rewrites["hat_word_pool"] == 1
+    assert rep.rewrites["hat_guide_add"] == 1
+    assert not rep.errors
+    assert not [s for s in rep.skipped if s[0].startswith("hat_")]
+    _assert_equal_to_eager(m, torch.compile(m.loss, backend="aa", options=OPTIONS), b)

@@ -5,13 +5,16 @@ The fixture writes a tiny checkpoint by hand in the layout of the public remote 
 layer's query/kv norms, the decoder cross-attention's query side, ``config.json`` fields of
 ``HATArchitectureConfig.to_dict``), without using the module under test. The forward is checked
 against an independent float64 restatement of the public forward, written here from the same
-names.
+names, RoPE in the word pooling included (q at the word's position, k at the bytes' positions,
+with the encoder's theta and head size: the released connector builds its rotary embedding from
+the encoder config), and the backbone's Llama-3 RoPE scaling restated by hand.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,15 +24,21 @@ from safetensors.torch import load_file, save_file
 
 from aa_compile.models.hat import ByteBatch, HATConfig, HATModel
 from aa_compile.models.hat.pretrained import (
+    POOL_ROPE_MARK,
     HATCheckpointWarning,
     hat_config_from_hf,
     hf_key_map,
 )
-
-pytestmark = pytest.mark.filterwarnings("ignore::aa_compile.models.hat.pretrained."
-                                        "HATCheckpointWarning")
+from aa_compile.models.hat.rope import Llama3RopeScaling
 
 D_ENC, D_BB, HEADS, KV, WINDOW = 32, 48, 4, 2, 8
+#: pooling heads: 48 / 6 = 8 = the encoder's head size (32 / 4), which the released connector's
+#: RoPE requires (its rotary embedding is built from the encoder config)
+POOL_HEADS = 6
+#: a Llama-3 scaling that matters at the test's few word positions (theta 500000, head size 12:
+#: wavelengths 6.3, 56, 502, ... against the bands 16 and 64)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
 ENC_LAYERS, BB_LAYERS, DEC_LAYERS, FF_ENC, FF_BB = 1, 2, 2, 64, 96
 TEXT = "Hi, you there! Grüße."
 
@@ -49,7 +58,8 @@ def released_config(every_layer: bool = False) -> dict:
     encoder = _stack(D_ENC, ENC_LAYERS, FF_ENC, 10000.0, WINDOW, 256)
     encoder["cross_attention_config"] = {
         "hidden_size_q": D_BB, "hidden_size_kv": D_ENC, "hidden_size": D_BB,
-        "num_attention_heads": HEADS, "attention_num_kv_heads": HEADS, "word_window_size": 1,
+        "num_attention_heads": POOL_HEADS, "attention_num_kv_heads": POOL_HEADS,
+        "word_window_size": 1,
         "key_query_norm": True, "key_query_norm_per_head": True}
     decoder = _stack(D_ENC, DEC_LAYERS, FF_ENC, 10000.0, WINDOW, 256)
     decoder["cross_attn_every_layer"] = every_layer
@@ -95,8 +105,8 @@ def released_shapes(every_layer: bool = False) -> dict[str, tuple[int, ...]]:
     pool = "encoder_connector.cross_attention_encoder_connector"
     shapes |= {f"{pool}.q_proj.weight": (D_BB, D_BB), f"{pool}.k_proj.weight": (D_BB, D_ENC),
                f"{pool}.v_proj.weight": (D_BB, D_ENC), f"{pool}.o_proj.weight": (D_BB, D_BB),
-               f"{pool}.norm_query.weight": (D_BB // HEADS,),
-               f"{pool}.norm_key.weight": (D_BB // HEADS,)}
+               f"{pool}.norm_query.weight": (D_BB // POOL_HEADS,),
+               f"{pool}.norm_key.weight": (D_BB // POOL_HEADS,)}
     hd = D_ENC // HEADS
     for i in range(DEC_LAYERS):
         block = f"decoder.decoder_layers.{i}"
@@ -141,10 +151,34 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+def llama3_inv_freq(head_dim: int, theta: float, scaling: dict) -> list[float]:
+    """Llama-3 scaled inverse frequencies, one by one in Python floats: wavelengths shorter
+    than original / high_freq_factor keep their frequency, longer than original /
+    low_freq_factor get it divided by factor, and in between the two are mixed linearly in
+    ``original / wavelength``."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = theta ** (-i / head_dim)
+        wavelength = 2 * math.pi / freq
+        if wavelength < original / high:
+            out.append(freq)
+        elif wavelength > original / low:
+            out.append(freq / factor)
+        else:
+            mix = (original / wavelength - low) / (high - low)
+            out.append((1 - mix) * freq / factor + mix * freq)
+    return out
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float,
+          scaling: dict | None = None) -> torch.Tensor:
     """HF rotate_half RoPE; ``x [..., n, hd]`` at positions ``pos [n]``."""
     hd = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    if scaling is not None:
+        inv = torch.tensor(llama3_inv_freq(hd, theta, scaling), dtype=torch.float64)
     ang = pos.double()[:, None] * inv
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
@@ -160,13 +194,13 @@ def _attend(q, k, v, allowed):
     return scores.softmax(-1) @ v
 
 
-def _llama_layer(t, prefix, x, pos, theta, allowed):
+def _llama_layer(t, prefix, x, pos, theta, allowed, scaling=None):
     h = _rms(x, t[f"{prefix}.input_layernorm.weight"])
     hd = x.shape[-1] // HEADS
     q = (h @ t[f"{prefix}.self_attn.q_proj.weight"].T).view(-1, HEADS, hd).transpose(0, 1)
     k = (h @ t[f"{prefix}.self_attn.k_proj.weight"].T).view(-1, KV, hd).transpose(0, 1)
     v = (h @ t[f"{prefix}.self_attn.v_proj.weight"].T).view(-1, KV, hd).transpose(0, 1)
-    out = _attend(_rope(q, pos, theta), _rope(k, pos, theta), v, allowed)
+    out = _attend(_rope(q, pos, theta, scaling), _rope(k, pos, theta, scaling), v, allowed)
     x = x + out.transpose(0, 1).reshape(len(x), -1) @ t[f"{prefix}.self_attn.o_proj.weight"].T
     h = _rms(x, t[f"{prefix}.post_attention_layernorm.weight"])
     gate, up = h @ t[f"{prefix}.mlp.gate_proj.weight"].T, h @ t[f"{prefix}.mlp.up_proj.weight"].T
@@ -175,8 +209,10 @@ def _llama_layer(t, prefix, x, pos, theta, allowed):
 
 
 def public_forward(tensors: dict[str, torch.Tensor], data: list[int], word_lens: list[int],
-                   pool_rope: bool) -> torch.Tensor:
-    """Logits [T, 256] of one document as HATForCausalLM computes them (float64)."""
+                   pool_rope: bool = True, backbone_scaling: dict | None = None) -> torch.Tensor:
+    """Logits [T, 256] of one document as HATForCausalLM computes them (float64);
+    ``pool_rope=False`` leaves out the connector's RoPE (what a file marked
+    ``aa_compile_pool_rope: false`` holds)."""
     t = {k: v.double() for k, v in tensors.items()}
     n, n_words = len(data), len(word_lens)
     bpos, wpos = torch.arange(n), torch.arange(n_words)
@@ -188,19 +224,21 @@ def public_forward(tensors: dict[str, torch.Tensor], data: list[int], word_lens:
         x = _llama_layer(t, f"encoder.layers.{i}", x, bpos, 10000.0, window)
     h = x
     # encoder connector: one latent query per word over that word's bytes
-    pool, hd = "encoder_connector.cross_attention_encoder_connector", D_BB // HEADS
+    pool, hd = "encoder_connector.cross_attention_encoder_connector", D_BB // POOL_HEADS
     q = (t["encoder_connector.latent_query"].view(1, D_BB) @ t[f"{pool}.q_proj.weight"].T)
-    q = _rms(q.view(1, HEADS, hd), t[f"{pool}.norm_query.weight"]).expand(n_words, -1, -1)
-    k = _rms((h @ t[f"{pool}.k_proj.weight"].T).view(n, HEADS, hd), t[f"{pool}.norm_key.weight"])
-    v = (h @ t[f"{pool}.v_proj.weight"].T).view(n, HEADS, hd)
+    q = _rms(q.view(1, POOL_HEADS, hd), t[f"{pool}.norm_query.weight"]).expand(n_words, -1, -1)
+    k = _rms((h @ t[f"{pool}.k_proj.weight"].T).view(n, POOL_HEADS, hd),
+             t[f"{pool}.norm_key.weight"])
+    v = (h @ t[f"{pool}.v_proj.weight"].T).view(n, POOL_HEADS, hd)
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    if pool_rope:
+    if pool_rope:  # the encoder's rotary embedding (theta, head size) on both sides
+        assert hd == D_ENC // HEADS
         q, k = _rope(q, wpos, 10000.0), _rope(k, bpos, 10000.0)
     words = _attend(q, k, v, word_of[None, :] == wpos[:, None])
     words = words.transpose(0, 1).reshape(n_words, D_BB) @ t[f"{pool}.o_proj.weight"].T
     for i in range(BB_LAYERS):
         words = _llama_layer(t, f"backbone.layers.{i}", words, wpos, 500000.0,
-                             wpos[:, None] >= wpos[None, :])
+                             wpos[:, None] >= wpos[None, :], backbone_scaling)
     pred = torch.cat([t["decoder_connector.first_word_embedding"].view(1, D_BB), words[:-1]])
     hd = D_ENC // HEADS
     for i in range(DEC_LAYERS):
@@ -266,32 +304,56 @@ def test_config_fields_are_read(released):
     assert (cfg.d_enc, cfg.d_backbone, cfg.encoder.n_layers, cfg.backbone.n_layers,
             cfg.decoder.n_layers) == (D_ENC, D_BB, ENC_LAYERS, BB_LAYERS, DEC_LAYERS)
     assert (cfg.sliding_window, cfg.pool_heads, cfg.pool_qk_norm, cfg.guide_every_layer,
-            cfg.max_word_bytes, cfg.eos_byte) == (WINDOW, HEADS, True, False, 16, 192)
+            cfg.max_word_bytes, cfg.eos_byte) == (WINDOW, POOL_HEADS, True, False, 16, 192)
+    assert cfg.pool_rope is True and cfg.backbone_rope_scaling is None
     assert (cfg.backbone.rope_theta, cfg.backbone.kv_heads, cfg.backbone.ffn_dim,
             cfg.encoder.norm_eps) == (500000.0, KV, FF_BB, 1e-5)
     assert specials == {"<|eot_id|>": 192}
 
 
 @pytest.mark.parametrize("every_layer", [False, True])
-def test_forward_matches_the_public_forward_without_pooling_rope(tmp_path, every_layer):
+def test_forward_matches_the_public_forward(tmp_path, every_layer, recwarn):
+    """The loaded model computes the released forward, pooling RoPE included, and the load
+    warns nothing."""
     tensors = write_released(tmp_path / "ckpt", torch.float32, every_layer)
     model = HATModel.from_pretrained(tmp_path / "ckpt")
-    assert model.config.guide_every_layer is every_layer
+    assert model.config.guide_every_layer is every_layer and model.config.pool_rope
+    assert not [w for w in recwarn if issubclass(w.category, HATCheckpointWarning)]
     logits, data, lens = _logits(model, TEXT)
     assert len(data) > WINDOW and len(lens) > 3  # the window and the word shift both matter
-    expected = public_forward(tensors, data, lens, pool_rope=False)
+    expected = public_forward(tensors, data, lens)
     torch.testing.assert_close(logits.double(), expected, rtol=1e-4, atol=1e-4)
+    # the pooling RoPE is not a rounding detail: without it the logits are far off
+    assert (public_forward(tensors, data, lens, pool_rope=False) - expected).abs().max() > 1e-2
 
 
-def test_pooling_rope_is_the_one_difference_we_do_not_bridge(tmp_path):
-    """Documented finding (docs/checkpoints.md): with the released pooling RoPE the logits
-    differ, and the load warns about it."""
-    tensors = write_released(tmp_path / "ckpt", torch.float32)
-    with pytest.warns(HATCheckpointWarning, match="RoPE"):
-        model = HATModel.from_pretrained(tmp_path / "ckpt")
+def test_forward_matches_with_llama3_backbone_rope_scaling(tmp_path):
+    """``rope_scaling`` of type llama3 on the backbone is read and applied as restated by hand
+    (`llama3_inv_freq`), and it changes the logits at these few word positions."""
+    config = released_config()
+    config["backbone_config"]["rope_scaling"] = dict(LLAMA3)
+    tensors = write_released(tmp_path / "ckpt", torch.float32, config=config)
+    model = HATModel.from_pretrained(tmp_path / "ckpt")
+    assert model.config.backbone_rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 64)
     logits, data, lens = _logits(model, TEXT)
-    released = public_forward(tensors, data, lens, pool_rope=True)
-    assert (logits.double() - released).abs().max() > 1e-2
+    expected = public_forward(tensors, data, lens, backbone_scaling=LLAMA3)
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-4, atol=1e-4)
+    assert (public_forward(tensors, data, lens) - expected).abs().max() > 1e-3
+    with torch.no_grad():  # generation reads the same scaling (cached == uncached)
+        assert model.generate_bytes("Hi you", max_bytes=6) == \
+            model.generate_bytes("Hi you", max_bytes=6, use_cache=False)
+
+
+def test_a_file_marked_without_pooling_rope_runs_without_it(tmp_path):
+    """What our save writes for a model without pooling RoPE: the mark turns it off."""
+    config = released_config()
+    config[POOL_ROPE_MARK] = False
+    tensors = write_released(tmp_path / "ckpt", torch.float32, config=config)
+    model = HATModel.from_pretrained(tmp_path / "ckpt")
+    assert model.config.pool_rope is False
+    logits, data, lens = _logits(model, TEXT)
+    torch.testing.assert_close(logits.double(), public_forward(tensors, data, lens, False),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_dtypes_as_stored_or_converted(released, tmp_path):
@@ -364,12 +426,21 @@ def test_sharded_round_trip(released, tmp_path):
     _assert_same_files(root, tmp_path / "single")
 
 
-@pytest.mark.parametrize("every_layer", [False, True])
-def test_fresh_model_round_trip(tmp_path, every_layer):
-    model = HATModel(HATConfig.tiny(guide_every_layer=every_layer))
+@pytest.mark.parametrize("every_layer, overrides", [
+    (False, {}), (True, {}),
+    # the released features: pooling RoPE (pooling head size 96 / 6 = 16, the encoder's) and
+    # the backbone's Llama-3 RoPE scaling
+    (False, {"pool_rope": True, "pool_heads": 6,
+             "backbone_rope_scaling": Llama3RopeScaling(8.0, 1.0, 4.0, 64)}),
+])
+def test_fresh_model_round_trip(tmp_path, every_layer, overrides):
+    model = HATModel(HATConfig.tiny(guide_every_layer=every_layer, **overrides))
     model.save_pretrained(tmp_path / "m")
     names = set(load_file(str(tmp_path / "m" / "model.safetensors")))
     assert names == set(released_shapes_for(model.config))
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (POOL_ROPE_MARK in raw) is (not model.config.pool_rope)
+    assert raw["backbone_config"]["rope_scaling"] == (LLAMA3 if overrides else None)
     again = HATModel.from_pretrained(tmp_path / "m")
     assert again.config == model.config
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -467,7 +538,17 @@ def test_dtype_requests_and_stored_dtypes(released):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c["backbone_config"].update(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
-     "backbone_config.rope_scaling"),
+     "backbone_config.rope_scaling.*lacks low_freq_factor, high_freq_factor, original_max"),
+    (lambda c: c["backbone_config"].update(rope_scaling={**LLAMA3, "rope_type": "yarn"}),
+     "backbone_config.rope_scaling.*type 'yarn' is not supported"),
+    (lambda c: c["backbone_config"].update(rope_scaling={**LLAMA3, "high_freq_factor": 1.0}),
+     "high_freq_factor=1.0 must be larger than low_freq_factor"),
+    (lambda c: c["encoder_config"].update(rope_scaling=dict(LLAMA3)),
+     "encoder_config.rope_scaling=.*backbone only"),
+    (lambda c: c["encoder_config"]["cross_attention_config"].update(num_attention_heads=4,
+                                                                   attention_num_kv_heads=4),
+     "pooling head size \\(12 = .*must equal the encoder's \\(8\\)"),
+    (lambda c: c.update({POOL_ROPE_MARK: "no"}), "aa_compile_pool_rope must be true or false"),
     (lambda c: c["encoder_config"]["cross_attention_config"].update(attention_num_kv_heads=2),
      "attention_num_kv_heads=2 is not supported"),
     (lambda c: c["decoder_config"].update(sliding_window=16), "sliding windows must be"),
@@ -497,14 +578,21 @@ def test_bad_paths_and_save_arguments(tmp_path, released):
             model.save_pretrained(tmp_path / "x", max_shard_bytes=bad)
 
 
+def test_save_refuses_pool_rope_without_the_encoder_head_size(tmp_path):
+    model = HATModel(HATConfig.tiny(pool_rope=True))  # pooling head size 24, encoder's 16
+    with pytest.raises(ValueError, match="pooling head size \\(24\\) unlike the encoder's"):
+        model.save_pretrained(tmp_path / "m")
+
+
 def test_cli_generate_reads_a_released_folder(released, capsys):
-    """``aa-compile generate --checkpoint`` takes the released layout as it is, with the
-    pooling-RoPE warning, and prints what the loaded model generates."""
+    """``aa-compile generate --checkpoint`` takes the released layout as it is and prints
+    what the loaded model generates."""
     from aa_compile import cli
 
     root, _ = released
     expected = HATModel.from_pretrained(root).generate("ab", max_bytes=4)
-    with pytest.warns(HATCheckpointWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HATCheckpointWarning)
         rc = cli.main(["generate", "--checkpoint", str(root), "--prompt", "ab",
                        "--max-new-tokens", "4", "--threads", "1"])
     assert rc == 0

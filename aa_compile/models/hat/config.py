@@ -13,6 +13,8 @@ import dataclasses
 
 from aa_compile.models.transformer import TransformerConfig
 
+from .rope import Llama3RopeScaling
+
 #: byte vocabulary of the encoder embedding and the decoder head
 BYTE_VOCAB = 256
 #: the end-of-text byte (``<|eot_id|>``); 0xC0 never occurs in valid UTF-8
@@ -41,9 +43,14 @@ class HATConfig:
         sliding_window: bytes a query sees in the encoder and decoder, itself included.
         pool_heads: heads of the latent-query pooling (must divide ``backbone.d_model``).
         pool_qk_norm: per-head RMSNorm on the pooling query and keys.
+        pool_rope: RoPE in the pooling as the released models have it: the query at the
+            word's position, the keys at their bytes' positions (with the encoder's
+            ``rope_theta``, at the pooling head size). Off by default (see `WordPooling`).
         guide_every_layer: add a guide vector before every decoder layer, not only the first.
         max_word_bytes: longest word in bytes (longer words are cut into chunks).
         eos_byte: the byte that ends generation.
+        backbone_rope_scaling: Llama-3 RoPE frequency scaling of the backbone (the released
+            8B/70B backbones are Llama-3.1); a `Llama3RopeScaling` or its fields as a dict.
     """
 
     encoder: TransformerConfig = dataclasses.field(
@@ -60,8 +67,16 @@ class HATConfig:
     guide_every_layer: bool = False
     max_word_bytes: int = 100
     eos_byte: int = EOS_BYTE
+    pool_rope: bool = False
+    backbone_rope_scaling: Llama3RopeScaling | None = None
 
     def __post_init__(self) -> None:
+        scaling = self.backbone_rope_scaling
+        if isinstance(scaling, dict):  # as a saved JSON config holds it
+            object.__setattr__(self, "backbone_rope_scaling", Llama3RopeScaling(**scaling))
+        elif scaling is not None and not isinstance(scaling, Llama3RopeScaling):
+            raise TypeError(f"HATConfig.backbone_rope_scaling must be None or a "
+                            f"Llama3RopeScaling, got {type(scaling).__name__}")
         for name in ("encoder", "backbone", "decoder"):
             if not isinstance(getattr(self, name), TransformerConfig):
                 raise TypeError(f"HATConfig.{name} must be a TransformerConfig, got "
@@ -88,7 +103,7 @@ class HATConfig:
         if isinstance(self.eos_byte, bool) or self.eos_byte not in NON_UTF8_BYTES:
             raise ValueError(f"HATConfig.eos_byte must be a byte that never occurs in valid "
                              f"UTF-8 (0xC0, 0xC1, 0xF5..0xFF), got {self.eos_byte!r}")
-        for name in ("pool_qk_norm", "guide_every_layer"):
+        for name in ("pool_qk_norm", "guide_every_layer", "pool_rope"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"HATConfig.{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -9,8 +9,9 @@ once and keeps what later bytes need:
   encoder never recomputes anything. The encoder outputs ``h`` are kept from the first byte of
   the last (unfinished) word on: pooling and the decoder read them.
 - **backbone**: the reference transformer's `KVCache` over finished words (every word but the
-  last). When the splitter finishes words, they are pooled from their bytes' ``h`` and run
-  through the backbone as one step; the output of the last of them is the predictive vector
+  last). When the splitter finishes words, they are pooled from their bytes' ``h`` (with
+  ``pool_rope``, keys turned by byte position minus word position, as in `HATModel.forward`)
+  and run through the backbone as one step; the output of the last of them is the predictive vector
   (``pred``) of the word that follows. Finished words never change again (the splitter only
   re-splits the last word), so this cache only grows.
 - **decoder**: a `ByteWindowCache` of each decoder layer's keys/values. A byte's decoder input
@@ -273,7 +274,8 @@ class HATCache:
             offsets = torch.tensor(starts[:finished - done + 1], device=self.device)
             offsets = offsets - self._word_start  # rows of self._h
             width = int(offsets.diff().max())
-            pooled = model.pooling(self._h, *word_grid(offsets, width))
+            pooled = model.pooling(self._h, *word_grid(offsets, width),
+                                   self._key_positions(offsets, done))
             preds = torch.cat([preds, self._backbone_step(pooled, done)])
 
         # 3. decoder: from the first byte whose word changed (or the first new byte)
@@ -299,6 +301,17 @@ class HATCache:
         self.decoder.forget_before(self._word_start - self.window + 1)
         for cache in (self.encoder, self.decoder):
             cache.shrink()
+
+    def _key_positions(self, offsets: Tensor, first_word: int) -> Tensor | None:
+        """Pooling RoPE (``pool_rope``): for each row of ``self._h`` (byte position
+        ``_word_start + row``), its position minus that of its word, the words starting at
+        rows ``offsets`` being ``first_word, first_word + 1, ...`` (rows past the last offset
+        belong to the unfinished word and are not pooled); None without pooling RoPE."""
+        if not self.model.config.pool_rope:
+            return None
+        rows = torch.arange(len(self._h), device=self.device)
+        word = first_word + torch.searchsorted(offsets[1:], rows, right=True)
+        return self._word_start + rows - word
 
     def _chunks(self, first: int, end: int):
         for a in range(first, end, PREFILL_CHUNK):
@@ -334,7 +347,7 @@ class HATCache:
             self.backbone = cache = grown
         cfg = self.model.config.backbone
         cos, sin = rope_at(torch.arange(first, first + k, device=self.device), cfg.head_dim,
-                           cfg.rope_theta)
+                           cfg.rope_theta, self.model.config.backbone_rope_scaling)
         x = words[None]
         for i, block in enumerate(self.model.backbone):
             x = block(x, cos, sin, cache, i)

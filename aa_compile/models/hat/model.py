@@ -4,9 +4,12 @@ Data flow over a packed `ByteBatch` (T bytes, W words, D documents):
 
 1. encoder: ``Embedding(256, d_enc)`` + byte blocks with causal sliding-window attention over
    each document's byte stream (RoPE at the byte's position in its document) -> ``h [T, d_enc]``;
-2. pooling: one latent query per word attends to the word's bytes -> ``words [W, d_bb]``;
+2. pooling: one latent query per word attends to the word's bytes -> ``words [W, d_bb]``
+   (with ``pool_rope``, RoPE as in the released models: query at the word's position, keys at
+   the bytes' positions);
 3. backbone: reference transformer `Block`s, causal over each document's words (padded to
-   ``[D, M, d_bb]``, RoPE at word positions; no embedding, norm or head);
+   ``[D, M, d_bb]``, RoPE at word positions, Llama-3 scaled with ``backbone_rope_scaling``;
+   no embedding, norm or head);
 4. decoder connector: ``pred[w] = backbone_out[w - 1]`` within a document, ``pred[first word]
    = first_word`` (a learned vector);
 5. decoder: ``h`` + guide vector of the byte's word, byte blocks (same mask as the encoder),
@@ -60,7 +63,8 @@ class HATModel(nn.Module):
         self.config = cfg
         self.encoder = ByteEncoder(cfg.encoder)
         self.pooling = WordPooling(cfg.d_enc, cfg.d_backbone, cfg.pool_heads, cfg.pool_qk_norm,
-                                   cfg.backbone.norm_eps)
+                                   cfg.backbone.norm_eps,
+                                   cfg.encoder.rope_theta if cfg.pool_rope else None)
         self.backbone = nn.ModuleList(Block(cfg.backbone) for _ in range(cfg.backbone.n_layers))
         self.first_word = nn.Parameter(torch.empty(cfg.d_backbone))
         self.decoder = ByteDecoder(cfg.d_backbone, cfg.decoder, cfg.guide_every_layer)
@@ -87,7 +91,8 @@ class HATModel(nn.Module):
         """A released Aleph Alpha HAT checkpoint (Hugging Face layout: config.json +
         model.safetensors or a sharded index), strictly mapped, built on the meta device and
         filled from memory-mapped files; see `aa_compile.models.hat.pretrained` and
-        docs/checkpoints.md (it warns the one forward difference we cannot bridge)."""
+        docs/checkpoints.md (the model gets ``pool_rope`` and the backbone's RoPE scaling of
+        the released forward)."""
         return load_hat_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None
@@ -122,10 +127,13 @@ class HATModel(nn.Module):
         mask = document_window_mask(batch.byte_doc_offsets, batch.n_bytes, cfg.sliding_window)
         cos, sin = rope_at(batch.byte_pos, cfg.encoder.head_dim, cfg.encoder.rope_theta)
         h = self.encoder(batch.bytes, cos, sin, mask)
-        words = self.pooling(h, *word_grid(batch.word_offsets, batch.word_bytes.shape[1]))
+        byte_word = byte_words(batch.word_offsets, batch.n_bytes)
+        # pooling RoPE: each key turns by its byte's position minus its word's (WordPooling)
+        key_pos = batch.byte_pos - batch.word_pos[byte_word] if cfg.pool_rope else None
+        words = self.pooling(h, *word_grid(batch.word_offsets, batch.word_bytes.shape[1]),
+                             key_pos)
         pred = self.predict_words(words, batch)
         cos, sin = rope_at(batch.byte_pos, cfg.decoder.head_dim, cfg.decoder.rope_theta)
-        byte_word = byte_words(batch.word_offsets, batch.n_bytes)
         return self.decoder(h, pred, byte_word, cos, sin, mask)
 
     def predict_words(self, words: Tensor, batch: ByteBatch) -> Tensor:
@@ -136,7 +144,7 @@ class HATModel(nn.Module):
         n_docs, width, d = x.shape
         positions = torch.arange(width, device=x.device)
         cos, sin = rope_at(positions, self.config.backbone.head_dim,
-                           self.config.backbone.rope_theta)
+                           self.config.backbone.rope_theta, self.config.backbone_rope_scaling)
         for block in self.backbone:
             x = block(x, cos, sin)
         first = self.first_word.to(x.dtype).expand(n_docs, 1, d)

@@ -5,7 +5,8 @@ These are the numerics the fused kernels must match:
 - `sliding_window_mask` + `ByteBlock`: dense SDPA with an explicit boolean ``[T, T]`` mask
   (``aa::window_attention``);
 - `WordPooling`: one latent query per word over the word's own bytes, padded to
-  ``[W, L]`` with a key mask (``aa::word_pool``);
+  ``[W, L]`` with a key mask (``aa::word_pool``); with RoPE, the keys are rotated before the
+  gather, so the query stays one vector for every word;
 - `GuideVector`: ``o_proj(v_proj(kv_norm(pred)))`` gathered to every byte of the word and added
   (``aa::guide_add``).
 """
@@ -24,14 +25,7 @@ from aa_compile.models.transformer import (
     apply_rope,
 )
 
-
-def rope_at(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin ``[n, head_dim / 2]`` (float32) at arbitrary integer positions; row p equals row
-    p of `transformer.rope_tables`, without a table (and so without a length limit)."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq
-    return angles.cos(), angles.sin()
+from .rope import rope_at
 
 
 def sliding_window_mask(byte_doc: Tensor, byte_pos: Tensor, window: int) -> Tensor:
@@ -116,18 +110,32 @@ class ByteEncoder(nn.Module):
         return x[0]
 
 
+def rotate_rows(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`apply_rope` for ``x [n, H, hd]`` with one angle row per ``n`` (``cos/sin [n, hd/2]``):
+    rotate-half pairs, computed in float32 (float64 for a float64 ``x``), cast back."""
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
 class WordPooling(nn.Module):
     """Word embedding = multi-head cross-attention of one learned latent query (d_backbone)
     over the word's own byte activations (d_enc), non-causal, then ``o_proj``. No residual, no
-    MLP. No RoPE either: the released HF code rotates q at the word's and k at the bytes'
-    positions, so a score depends on ``word_pos - byte_pos``, which grows along the document
-    and carries no in-word meaning; we leave it out (a loader for those checkpoints would have
-    to add it back)."""
+    MLP.
+
+    RoPE (``rope_theta`` set; ``HATConfig.pool_rope``): the released models rotate the query
+    at the word's position w and each key at its byte's position b, so a score is
+    ``q . R(b - w) k`` (rotations compose). We rotate only the keys, by ``b - w`` (``key_pos``,
+    given to `forward`), which is the same score with one query for every word: the pooling
+    keeps its shape, and ``aa::word_pool`` still applies. Without RoPE a score does not depend
+    on where the word sits in the document (our default for models trained here).
+    """
 
     def __init__(self, d_enc: int, d_model: int, n_heads: int, qk_norm: bool,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, rope_theta: float | None = None) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.rope_theta = rope_theta
         self.latent_query = nn.Parameter(torch.empty(d_model))
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_enc, d_model, bias=False)
@@ -136,14 +144,22 @@ class WordPooling(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, h: Tensor, word_bytes: Tensor, word_mask: Tensor) -> Tensor:
-        """``h [T, d_enc]``, ``word_bytes/word_mask [W, L]`` -> ``[W, d_model]``."""
+    def forward(self, h: Tensor, word_bytes: Tensor, word_mask: Tensor,
+                key_pos: Tensor | None = None) -> Tensor:
+        """``h [T, d_enc]``, ``word_bytes/word_mask [W, L]`` -> ``[W, d_model]``. With RoPE,
+        ``key_pos [T]``: each byte's position minus its word's position (in the document)."""
+        if (key_pos is None) != (self.rope_theta is None):
+            raise ValueError("WordPooling: key_pos must be given exactly when the pooling has "
+                             f"RoPE (rope_theta={self.rope_theta})")
         n_words, n_bytes = word_bytes.shape[0], h.shape[0]
         q = self.q_norm(self.q_proj(self.latent_query).view(self.n_heads, self.head_dim))
         q = q[None, :, None, :].expand(n_words, -1, -1, -1)  # [W, H, 1, hd]
         # project every byte once, then gather the padded [W, L, H, hd] grid (the same rows as
         # projecting h[word_bytes]: the projections and the per-head norm act row by row)
-        k = self.k_norm(self.k_proj(h).view(n_bytes, self.n_heads, self.head_dim))[word_bytes]
+        k = self.k_norm(self.k_proj(h).view(n_bytes, self.n_heads, self.head_dim))
+        if self.rope_theta is not None:
+            k = rotate_rows(k, *rope_at(key_pos, self.head_dim, self.rope_theta))
+        k = k[word_bytes]
         v = self.v_proj(h).view(n_bytes, self.n_heads, self.head_dim)[word_bytes]
         out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=word_mask[:, None, None, :])

@@ -22,8 +22,12 @@ Loading builds the model on the meta device and assigns the tensors that `safe_o
 the files (no copy when the stored dtype is the one asked for), so an 8B checkpoint does not need
 twice its size in memory. Files are read with safetensors only (never pickle).
 
-One difference of the released forward cannot be bridged by a mapping (`RELEASED_DIFFERENCES`):
-it is raised as a `HATCheckpointWarning` on every load and listed in docs/checkpoints.md.
+The released forward has two features our default model leaves out, and the loader turns them
+on: RoPE in the word pooling (``HATConfig.pool_rope``) and the backbone's Llama-3 RoPE scaling
+(``HATConfig.backbone_rope_scaling``). A model of ours without pooling RoPE is saved with the
+top-level mark ``"aa_compile_pool_rope": false`` (`POOL_ROPE_MARK`), so that it loads back as
+it was; the released files have no mark. Differences that no loader setting bridges would be
+listed in `RELEASED_DIFFERENCES` and warned as a `HATCheckpointWarning` on load (none now).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from aa_compile.models.hf_files import (
 from aa_compile.models.transformer import TransformerConfig
 
 from .config import BYTE_VOCAB, HATConfig
+from .rope import Llama3RopeScaling
 from .splitter import HATByteSplitter
 
 MODEL_TYPE = "hierarchical_autoregressive_transformer"
@@ -64,12 +69,12 @@ AUTO_MAP = {"AutoConfig": "config.HATArchitectureConfig",
             "AutoModelForCausalLM": "model.HATForCausalLM"}
 ARCHITECTURES = ["HATDecoderForCausalLM"]
 
-#: forward differences of the released code that no weight mapping can bridge
-RELEASED_DIFFERENCES = (
-    "word pooling: the released encoder connector applies RoPE to its latent query at the "
-    "word's position and to the keys at the bytes' positions; aa_compile's WordPooling applies "
-    "no RoPE, so the pooled word vectors (and every output after them) differ",
-)
+#: forward differences of the released code that no weight mapping or config setting bridges
+#: (warned on every load; the pooling RoPE was one until ``HATConfig.pool_rope``)
+RELEASED_DIFFERENCES: tuple[str, ...] = ()
+#: top-level config.json key our save writes for a model without pooling RoPE (the released
+#: connector always rotates; the public config class keeps unknown top-level keys)
+POOL_ROPE_MARK = "aa_compile_pool_rope"
 
 
 class HATCheckpointWarning(UserWarning):
@@ -90,9 +95,26 @@ class HFSource:
 # -- config ---------------------------------------------------------------------------------
 
 
+def _default_rope(raw: Mapping[str, Any]) -> bool:
+    return raw.get("rope_scaling") in (None, {"rope_type": "default"}, {"type": "default"})
+
+
+def _backbone_rope_scaling(raw: Mapping[str, Any], where: Path | str
+                           ) -> Llama3RopeScaling | None:
+    """The backbone's ``rope_scaling``: None (or type default), or a ``llama3`` scaling."""
+    if _default_rope(raw):
+        return None
+    try:
+        return Llama3RopeScaling.from_hf(raw["rope_scaling"])
+    except (TypeError, ValueError) as exc:
+        raise fail(where, f"backbone_config.rope_scaling={raw['rope_scaling']!r} is not "
+                          f"supported: {exc}") from exc
+
+
 def _stack_config(raw: Mapping[str, Any], name: str, where: Path | str,
                   byte_vocab: bool) -> TransformerConfig:
-    """One of the three Llama stacks; every field our blocks cannot reproduce is an error."""
+    """One of the three Llama stacks; every field our blocks cannot reproduce is an error
+    (the backbone's ``rope_scaling`` is read by `_backbone_rope_scaling`)."""
     if not isinstance(raw, Mapping):
         raise fail(where, f"{name} must be an object, got {type(raw).__name__}")
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -101,8 +123,8 @@ def _stack_config(raw: Mapping[str, Any], name: str, where: Path | str,
     if missing:
         raise fail(where, f"{name} lacks {', '.join(missing)}")
     unsupported = {
-        "rope_scaling": (raw.get("rope_scaling") in (None, {"rope_type": "default"}),
-                         "RoPE scaling is not implemented by the reference blocks"),
+        "rope_scaling": (name == "backbone_config" or _default_rope(raw),
+                         "RoPE scaling is implemented for the backbone only"),
         "mlp_bias": (not raw.get("mlp_bias", False), "the SwiGLU has no biases"),
         "attention_bias": (not raw.get("attention_bias", False),
                            "the attention projections have no biases"),
@@ -189,6 +211,9 @@ def hat_config_from_hf(raw: Mapping[str, Any], where: Path | str = CONFIG_FILE
         raise fail(where, "encoder_config.cross_attention_config.key_query_norm without "
                            "key_query_norm_per_head is not supported (WordPooling normalizes "
                            "each head)")
+    pool_rope = raw.get(POOL_ROPE_MARK, True)
+    if not isinstance(pool_rope, bool):
+        raise fail(where, f"{POOL_ROPE_MARK} must be true or false, got {pool_rope!r}")
     if qk_norm and encoder.norm_eps != backbone.norm_eps:
         raise fail(where, f"encoder_config.rms_norm_eps={encoder.norm_eps} must equal "
                            f"backbone_config.rms_norm_eps={backbone.norm_eps} (WordPooling's "
@@ -212,9 +237,15 @@ def hat_config_from_hf(raw: Mapping[str, Any], where: Path | str = CONFIG_FILE
                         pool_heads=pool["num_attention_heads"], pool_qk_norm=qk_norm,
                         guide_every_layer=bool(dec_raw.get("cross_attn_every_layer", False)),
                         max_word_bytes=raw.get("max_word_size", 100),
-                        eos_byte=raw.get("eos_token_id", 192))
+                        eos_byte=raw.get("eos_token_id", 192), pool_rope=pool_rope,
+                        backbone_rope_scaling=_backbone_rope_scaling(bb_raw, where))
     except (TypeError, ValueError) as exc:
         raise fail(where, str(exc)) from exc
+    if pool_rope and cfg.d_backbone // cfg.pool_heads != encoder.head_dim:
+        raise fail(where, f"the pooling head size ({cfg.d_backbone // cfg.pool_heads} = "
+                          "encoder_config.cross_attention_config.hidden_size / "
+                          f"num_attention_heads) must equal the encoder's ({encoder.head_dim}):"
+                          " the released connector takes its RoPE size from the encoder config")
     return cfg, dict(specials)
 
 
@@ -232,7 +263,14 @@ def _stack_to_hf(stack: TransformerConfig, vocab: int, window: int | None) -> di
 def hf_config_from_hat(cfg: HATConfig, special_tokens: Mapping[str, int]) -> dict[str, Any]:
     """A released-style ``config.json`` dict for ``cfg`` (the inverse of `hat_config_from_hf`
     on every field that config has; ``word_window_size``, which the released forward does not
-    read, is written as 1)."""
+    read, is written as 1; a model without pooling RoPE gets `POOL_ROPE_MARK`). A model with
+    pooling RoPE whose pooling head size differs from the encoder's cannot be written: the
+    released connector takes its RoPE size from the encoder."""
+    if cfg.pool_rope and cfg.d_backbone // cfg.pool_heads != cfg.encoder.head_dim:
+        raise ValueError(f"a HAT with pool_rope and a pooling head size "
+                         f"({cfg.d_backbone // cfg.pool_heads}) unlike the encoder's "
+                         f"({cfg.encoder.head_dim}) has no released layout: the released "
+                         "connector takes its RoPE size from the encoder config")
     encoder = _stack_to_hf(cfg.encoder, BYTE_VOCAB, cfg.sliding_window)
     encoder["cross_attention_config"] = {
         "hidden_size_q": cfg.d_backbone, "hidden_size_kv": cfg.d_enc,
@@ -246,8 +284,11 @@ def hf_config_from_hat(cfg: HATConfig, special_tokens: Mapping[str, int]) -> dic
         "hidden_size": cfg.decoder.d_model, "num_attention_heads": cfg.decoder.n_heads,
         "attention_num_kv_heads": cfg.decoder.kv_heads, "word_window_size": 1,
         "key_query_norm": False, "key_query_norm_per_head": False}
+    backbone = _stack_to_hf(cfg.backbone, 0, None)
+    if cfg.backbone_rope_scaling is not None:
+        backbone["rope_scaling"] = cfg.backbone_rope_scaling.to_hf()
     return {"encoder_config": encoder,
-            "backbone_config": _stack_to_hf(cfg.backbone, 0, None),
+            "backbone_config": backbone,
             "decoder_config": decoder, "model_type": MODEL_TYPE,
             "transformers_version": TRANSFORMERS_VERSION, "auto_map": dict(AUTO_MAP),
             "special_token_dict": dict(special_tokens), "max_word_size": cfg.max_word_bytes,
@@ -255,7 +296,8 @@ def hf_config_from_hat(cfg: HATConfig, special_tokens: Mapping[str, int]) -> dic
             "max_position_embeddings": DEFAULT_MAX_POSITIONS, "torch_dtype": "bfloat16",
             "architectures": list(ARCHITECTURES),
             # the released config omits it at the default (192); its from_dict accepts it
-            **({} if cfg.eos_byte == 192 else {"eos_token_id": cfg.eos_byte})}
+            **({} if cfg.eos_byte == 192 else {"eos_token_id": cfg.eos_byte}),
+            **({} if cfg.pool_rope else {POOL_ROPE_MARK: False})}
 
 
 # -- tensor names ---------------------------------------------------------------------------
@@ -337,7 +379,7 @@ def load_hat_pretrained(model_class: Callable[[HATConfig], nn.Module], path: Pat
                         device: torch.device | str = "cpu") -> nn.Module:
     """``model_class(cfg)`` holding the released checkpoint in ``path`` (see the module
     docstring). ``dtype`` None keeps the stored dtype (it must be uniform); bfloat16/float32
-    convert. Warns `HATCheckpointWarning` with `RELEASED_DIFFERENCES`."""
+    convert. Warns `HATCheckpointWarning` with `RELEASED_DIFFERENCES` if there are any."""
     root = Path(path)
     target = parse_dtype(dtype, DTYPES)
     if not root.is_dir():
@@ -382,8 +424,9 @@ def load_hat_pretrained(model_class: Callable[[HATConfig], nn.Module], path: Pat
     model.load_state_dict(state, strict=True, assign=True)
     model.splitter = HATByteSplitter(cfg.max_word_bytes, specials)
     model.hf_source = HFSource(root, dict(raw), kept)
-    warnings.warn(f"{root}: loaded; known difference from the released forward: "
-                  + "; ".join(RELEASED_DIFFERENCES), HATCheckpointWarning, stacklevel=3)
+    if RELEASED_DIFFERENCES:
+        warnings.warn(f"{root}: loaded; known difference from the released forward: "
+                      + "; ".join(RELEASED_DIFFERENCES), HATCheckpointWarning, stacklevel=3)
     return model
 
 

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from aa_compile.distributed import is_writer, torchrun_group
 from aa_compile.export.cli import add_subcommand as add_export_subcommand
 from aa_compile.mad.cli import add_subcommand as add_mad_subcommand
 from aa_compile.sae.cli import add_subcommand as add_sae_subcommand
@@ -276,9 +277,13 @@ def _explain(args: argparse.Namespace) -> int:
 
     prompt = ids(args.prompt, args.prompt_ids, "--prompt-ids", args.prompt_len)
     target = ids(args.target, args.target_ids, "--target-ids", args.target_len)
-    exp = explain(model, prompt, target, factor=args.factor, mode=args.mode,
-                  conceptual_threshold=args.conceptual_threshold, progress=not args.json,
-                  tokenizer=tokenizer)
+    with torchrun_group() as group:  # under torchrun the ranks share the perturbations
+        exp = explain(model, prompt, target, factor=args.factor, mode=args.mode,
+                      conceptual_threshold=args.conceptual_threshold, progress=not args.json,
+                      tokenizer=tokenizer, group=group)
+        writer = is_writer(group)
+    if not writer:
+        return 0
     print(json.dumps(exp.to_dict(), indent=2) if args.json else exp)
     if args.png:
         exp.plot(args.png)
@@ -376,9 +381,13 @@ def _fdtm_sweep(args: argparse.Namespace) -> int:
     prompts = dtm.byte_prompts(settings["n_prompts"], settings["prompt_len"],
                                seed=settings["seed"])
     out = Path(args.out)
+    with torchrun_group() as group:  # under torchrun the ranks share the components
+        res = dtm.sweep(model, prompts, settings["n_tokens"], args.levels.split(","),
+                        reuse=not args.no_reuse, progress=True, group=group)
+        writer = is_writer(group)
+    if not writer:
+        return 0
     out.mkdir(parents=True, exist_ok=True)
-    res = dtm.sweep(model, prompts, settings["n_tokens"], args.levels.split(","),
-                    reuse=not args.no_reuse, progress=True)
     res.update(seed=settings["seed"], checkpoint=settings["checkpoint"])
     (out / "sweep.json").write_text(json.dumps(res))
     dtm.heatmap(res, out / "sweep.png")

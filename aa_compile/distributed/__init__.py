@@ -10,7 +10,7 @@
 """
 
 from .fsdp import blocks, rewrites_per_rank, shard_blocks
-from .launch import init_from_env, run_local
+from .launch import init_from_env, run_local, torchrun_group
 from .sharding import MissingShardingRule
 from .tp import parallelize_transformer, transformer_tp_plan
 from .work import (
@@ -48,6 +48,7 @@ __all__ = [
     "run_local",
     "shard_batch",
     "shard_blocks",
+    "torchrun_group",
     "sum_over_ranks",
     "transformer_tp_plan",
     "world_of",

@@ -9,9 +9,11 @@ caller in rank order. Real jobs launch with ``torchrun`` instead (``docs/distrib
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -69,3 +71,18 @@ def init_from_env(backend: str | None = None) -> dist.ProcessGroup | None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     return dist.group.WORLD
+
+
+@contextlib.contextmanager
+def torchrun_group(backend: str | None = None) -> Iterator[dist.ProcessGroup | None]:
+    """`init_from_env` for a command line: yields the world group under ``torchrun`` (None when
+    run alone) and, if it initialised the process group, tears it down at the end after a
+    barrier, so that no rank closes its connections while another still uses them."""
+    owner = not dist.is_initialized()
+    group = init_from_env(backend)
+    try:
+        yield group
+    finally:
+        if group is not None and owner and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 
 from aa_compile.data import text
 from aa_compile.models import save_model
+from aa_compile.models.byte_lm import text_bytes, train_byte_lm
 from aa_compile.models.transformer import Transformer, TransformerConfig
-from aa_compile.progress import progress as progress_bar
 from aa_compile.threads import add_threads_argument, set_threads
 
 DEFAULT_CONFIG = TransformerConfig(vocab_size=256, d_model=128, n_layers=6, n_heads=4,
@@ -54,31 +53,11 @@ def load(path: str | Path) -> Transformer:
 
 def train(cfg: TransformerConfig = DEFAULT_CONFIG, steps: int = 250, batch: int = 16,
           seq: int = 96, lr: float = 3e-3, seed: int = 0, progress: bool = True):
-    """AdamW, linear warm-up then cosine decay; returns ``(model, losses)``, the model in eval
-    mode."""
-    torch.manual_seed(seed)
-    data = torch.frombuffer(bytearray(text("mixed").encode("utf-8")), dtype=torch.uint8)
-    data = data[: int(len(data) * 0.9)].long()
-    model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps)
-                                                                      / steps)))
-    losses = []
-    it = progress_bar(range(steps), desc="train reference", unit="step", disable=not progress)
-    for _ in it:
-        starts = torch.randint(0, len(data) - seq - 1, (batch,))
-        ids = torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
-        loss = model.loss(ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        it.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    return model.eval(), losses
+    """`aa_compile.models.byte_lm.train_byte_lm` on the first 90% of the mixed corpus; returns
+    ``(model in eval mode, losses)``."""
+    data = text_bytes(text("mixed"))
+    return train_byte_lm(cfg, data[: int(len(data) * 0.9)], steps=steps, batch=batch, seq=seq,
+                         lr=lr, seed=seed, show_progress=progress, desc="train reference")
 
 
 def load_or_train(path: str | Path | None = None, steps: int = 250, **kw) -> Transformer:

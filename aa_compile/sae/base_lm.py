@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from aa_compile.models.byte_lm import text_bytes, train_byte_lm
 from aa_compile.models.transformer import Transformer, TransformerConfig
-from aa_compile.progress import progress
 
 from .concepts import split_documents
 
@@ -27,38 +26,16 @@ BASE_CONFIG = TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads
 def train_bytes(split: str = "train") -> torch.Tensor:
     """The split's English and German documents as one int64 byte stream."""
     docs = split_documents("en", split) + split_documents("de", split)
-    data = "\n\n".join(docs).encode("utf-8")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    return text_bytes("\n\n".join(docs))
 
 
 def train_base_lm(cfg: TransformerConfig = BASE_CONFIG, *, steps: int = 300, batch: int = 16,
                   seq: int = 96, lr: float = 3e-3, seed: int = 0, show_progress: bool = True
                   ) -> tuple[Transformer, list[float]]:
-    """AdamW with warm-up and cosine decay on random windows; returns ``(model, losses)``."""
-    if steps <= 0:
-        raise ValueError(f"steps must be > 0, got {steps}")
-    torch.manual_seed(seed)
-    data = train_bytes("train")
-    model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps)
-                                                                      / steps)))
-    losses: list[float] = []
-    bar = progress(range(steps), desc="base LM", unit="step", disable=not show_progress)
-    for _ in bar:
-        starts = torch.randint(0, len(data) - seq - 1, (batch,))
-        ids = torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
-        loss = model.loss(ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    return model.eval(), losses
+    """`aa_compile.models.byte_lm.train_byte_lm` on the train split's documents; returns
+    ``(model in eval mode, losses)``."""
+    return train_byte_lm(cfg, train_bytes("train"), steps=steps, batch=batch, seq=seq, lr=lr,
+                         seed=seed, show_progress=show_progress, desc="base LM")
 
 
 def save_base_lm(model: Transformer, path: str | Path) -> None:

@@ -15,7 +15,7 @@ loaders (`aa_compile.models.hat.pretrained`, `aa_compile.models.sae.pretrained`)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +111,28 @@ def read_tensors(root: Path | str, select: Callable[[str], bool] | None = None
 def listed_names(names: list[str]) -> str:
     """At most eight names, then how many there are in all (for error messages)."""
     return ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
+
+
+def checked_dtype(root: Path, tensors: Mapping[str, Tensor], expected: Iterable[str],
+                  allowed: Mapping[str, torch.dtype], target: torch.dtype | None, *,
+                  model: str) -> torch.dtype:
+    """The dtype to load ``tensors`` in, after checking they are exactly the ``expected`` names
+    (missing and unexpected ones named; ``model`` says what they should form) of ``allowed``
+    dtypes: ``target`` if given, else the one dtype they are stored in."""
+    expected = set(expected)
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing:
+        raise fail(root, f"missing tensor(s): {listed_names(missing)}")
+    if unexpected:
+        raise fail(root, f"unexpected tensor(s) (not in {model}): {listed_names(unexpected)}")
+    stored = {t.dtype for t in tensors.values()}
+    bad = sorted(str(d) for d in stored if d not in allowed.values())
+    if bad:
+        names = [str(d).removeprefix("torch.") for d in allowed.values()]
+        names = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        raise fail(root, f"holds tensors of dtype {', '.join(bad)}; only {names} are supported")
+    if target is not None:
+        return target
+    if len(stored) != 1:
+        raise fail(root, f"holds mixed dtypes {sorted(map(str, stored))}: pass dtype=")
+    return stored.pop()

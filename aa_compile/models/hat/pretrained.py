@@ -47,8 +47,8 @@ from aa_compile.models.hf_files import (
     CONFIG_FILE,
     INDEX_FILE,
     WEIGHTS_FILE,
+    checked_dtype,
     fail,
-    listed_names,
     parse_dtype,
     read_json,
     read_tensors,
@@ -388,22 +388,8 @@ def load_hat_pretrained(model_class: Callable[[HATConfig], nn.Module], path: Pat
     cfg, specials = hat_config_from_hf(raw, root / CONFIG_FILE)
     tensors = read_tensors(root)
     mapping, inert = hf_key_map(cfg), inert_shapes(cfg, raw)
-    expected = set(mapping) | set(inert)
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing:
-        raise fail(root, f"missing tensor(s): {listed_names(missing)}")
-    if unexpected:
-        raise fail(root, f"unexpected tensor(s) (not in a HAT model of this config): "
-                          f"{listed_names(unexpected)}")
-    stored = {t.dtype for t in tensors.values()}
-    bad = sorted(str(d) for d in stored if d not in DTYPES.values())
-    if bad:
-        raise fail(root, f"holds tensors of dtype {', '.join(bad)}; only bfloat16 and "
-                          "float32 checkpoints are supported")
-    if target is None:
-        if len(stored) != 1:
-            raise fail(root, f"holds mixed dtypes {sorted(map(str, stored))}: pass dtype=")
-        target = stored.pop()
+    target = checked_dtype(root, tensors, set(mapping) | set(inert), DTYPES, target,
+                           model="a HAT model of this config")
     with torch.device("meta"):
         model = model_class(cfg)
     own = dict(model.state_dict())

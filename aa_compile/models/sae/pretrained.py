@@ -34,8 +34,8 @@ from aa_compile.models.hf_files import (
     CONFIG_FILE,
     INDEX_FILE,
     WEIGHTS_FILE,
+    checked_dtype,
     fail,
-    listed_names,
     parse_dtype,
     read_json,
     read_tensors,
@@ -121,25 +121,9 @@ def load_scar(path: Path | str, dtype: torch.dtype | str | None = None,
     cfg, site = scar_config_from_hf(raw, root / CONFIG_FILE, n_concepts)
     tensors = read_tensors(root, select=lambda name: name.startswith(PREFIX))
     mapping = _mapping(cfg)
-    missing = sorted(set(mapping) - set(tensors))
-    unexpected = sorted(set(tensors) - set(mapping))
-    if missing:
-        raise fail(root, f"missing tensor(s): {listed_names(missing)}")
-    if unexpected:
-        raise fail(root, f"unexpected tensor(s) (not in a {cfg.activation} SAE): "
-                         f"{listed_names(unexpected)}")
-    stored = {t.dtype for t in tensors.values()}
-    bad = sorted(str(d) for d in stored if d not in DTYPES.values())
-    if bad:
-        raise fail(root, f"holds SAE tensors of dtype {', '.join(bad)}; only float16, "
-                         "bfloat16 and float32 are supported")
-    if target is None:
-        if len(stored) != 1:
-            raise fail(root, f"holds mixed dtypes {sorted(map(str, stored))}: pass dtype=")
-        target = stored.pop()
-    # a jumprelu SAE computes its initial threshold with .item(), which the meta device refuses
-    device = "cpu" if cfg.activation == "jumprelu" else "meta"
-    with torch.device(device):
+    target = checked_dtype(root, tensors, mapping, DTYPES, target,
+                           model=f"a {cfg.activation} SAE")
+    with torch.device("meta"):
         sae = SparseAutoencoder(cfg)
     own = sae.state_dict()
     state: dict[str, Tensor] = {}

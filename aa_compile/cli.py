@@ -29,6 +29,7 @@ from aa_compile.distributed import is_writer, torchrun_group
 from aa_compile.export.cli import add_subcommand as add_export_subcommand
 from aa_compile.mad.cli import add_subcommand as add_mad_subcommand
 from aa_compile.sae.cli import add_subcommand as add_sae_subcommand
+from aa_compile.cli_format import HelpFormatter
 from aa_compile.threads import add_threads_argument, set_threads
 
 
@@ -160,16 +161,6 @@ def _checkpoint_model(path: str, defaults: dict | None = None):
         detail = _one_line(e).removeprefix("Error(s) in loading state_dict for Transformer: ")
         raise CheckpointError(path, f"its weights do not fit the model: {detail}") from None
     return model
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, unless its help text already says what the default is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 def _saved_model(directory: str):

@@ -11,18 +11,11 @@ from typing import Any
 
 import torch
 
+from aa_compile.cli_format import HelpFormatter
 from aa_compile.threads import add_threads_argument, set_threads
 
 #: the example text of the byte- and word-level models (its words and bytes set the shapes)
 EXAMPLE_TEXT = "The quick brown fox jumps over the lazy dog"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, unless its help text already says what it is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
 
 
 def add_subcommand(subparsers: Any) -> None:

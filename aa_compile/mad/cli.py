@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from aa_compile.cli_format import HelpFormatter
+
 from .grid import grid_runs, run_grid
 from .results import read_rows, score_table, write_rows, write_scores
 from .settings import LEARNING_RATES, WEIGHT_DECAYS, quick_settings, settings
@@ -23,14 +25,6 @@ from .zoo import MODELS
 QUICK_EPOCHS = {"in-context-recall": 8, "fuzzy-in-context-recall": 8,
                 "noisy-in-context-recall": 8, "selective-copying": 8, "compression": 8,
                 "memorization": 40}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default unless its help text already names it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
 
 
 def floats(text: str) -> list[float]:

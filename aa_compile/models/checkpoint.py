@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -328,3 +328,24 @@ def load_words(directory: str | Path) -> list[str] | None:
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise ValueError(f"cannot load {path}: expected a JSON list of words")
     return words
+
+
+def save_with_config(model: nn.Module, path: str | Path, key: str) -> None:
+    """``model``'s weights to ONE safetensors file, its ``config`` dataclass as JSON metadata
+    under ``key`` (the single-file form of the SAE and the SAE base LM)."""
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={key: json.dumps(dataclasses.asdict(model.config))})
+
+
+def load_with_config(path: str | Path, key: str, what: str, writer: str = ""
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config fields, state dict)`` of a file `save_with_config` wrote; safetensors only (no
+    pickle is ever unpickled): a ValueError naming ``what`` the file should hold otherwise."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{what} weights load only from a .safetensors file, got {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if key not in meta:
+        raise ValueError(f"{path} has no {key} metadata" + (f" ({writer})" if writer else ""))
+    return json.loads(meta[key]), load_file(str(path))

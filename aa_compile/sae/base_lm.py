@@ -6,15 +6,12 @@ Weights are stored as safetensors with the config as JSON metadata.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from aa_compile.models.byte_lm import text_bytes, train_byte_lm
+from aa_compile.models.checkpoint import load_with_config, save_with_config
 from aa_compile.models.transformer import Transformer, TransformerConfig
 
 from .concepts import split_documents
@@ -41,19 +38,12 @@ def train_base_lm(cfg: TransformerConfig = BASE_CONFIG, *, steps: int = 300, bat
 def save_base_lm(model: Transformer, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"transformer_config": json.dumps(dataclasses.asdict(model.config))})
+    save_with_config(model, path, "transformer_config")
 
 
 def load_base_lm(path: str | Path) -> Transformer:
     """A model written by `save_base_lm` (safetensors only)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"base LM weights load only from a .safetensors file, got {path}")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "transformer_config" not in meta:
-        raise ValueError(f"{path} has no transformer_config metadata")
-    model = Transformer(TransformerConfig(**json.loads(meta["transformer_config"])))
-    model.load_state_dict(load_file(str(path)))
+    fields, state = load_with_config(path, "transformer_config", "base LM")
+    model = Transformer(TransformerConfig(**fields))
+    model.load_state_dict(state)
     return model.eval()

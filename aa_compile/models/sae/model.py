@@ -12,15 +12,14 @@ from safetensors.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from aa_compile.models.checkpoint import load_with_config, save_with_config
 
 ACTIVATIONS = ("topk", "topk-sigmoid", "jumprelu", "relu")
 NORM_EPS = 1e-5
@@ -215,21 +214,13 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Weights and config to one safetensors file (config as JSON metadata)."""
-        tensors = {name: p.detach().contiguous() for name, p in self.state_dict().items()}
-        save_file(tensors, str(path),
-                  metadata={"sae_config": json.dumps(dataclasses.asdict(self.config))})
+        save_with_config(self, path, "sae_config")
 
     @classmethod
     def load(cls, path: str | Path) -> SparseAutoencoder:
         """Read what `save` wrote (safetensors only: no pickle is ever unpickled)."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"SAE weights load only from a .safetensors file, got {path}")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "sae_config" not in meta:
-            raise ValueError(f"{path} has no sae_config metadata (not written by "
-                             "SparseAutoencoder.save)")
-        sae = cls(SAEConfig(**json.loads(meta["sae_config"])))
-        sae.load_state_dict(load_file(str(path)))
+        fields, state = load_with_config(path, "sae_config", "SAE",
+                                         "not written by SparseAutoencoder.save")
+        sae = cls(SAEConfig(**fields))
+        sae.load_state_dict(state)
         return sae

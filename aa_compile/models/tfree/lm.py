@@ -17,43 +17,18 @@ pre-encoded corpus.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..transformer import Block, KVCache, RMSNorm, TransformerConfig, rope_tables
+from ..transformer import Block, KVCache, RMSNorm, rope_tables
+from .config import TFreeLMConfig
 from .modules import TFreeDictionary, TFreeEmbedding, TFreeHead
+from .pretrained import load_tfree_pretrained, save_tfree_pretrained
 from .tokenizer import TrigramBatch, TrigramTokenizer
 
 END_OF_TEXT = "<|endoftext|>"
-
-
-@dataclasses.dataclass(frozen=True)
-class TFreeLMConfig:
-    """Shape of a `TFreeLM`. ``vocab_size`` and ``m`` must match the tokenizer's."""
-
-    vocab_size: int = 8192
-    m: int = 10
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    max_seq_len: int = 512
-    aggregation: str = "sum"
-    pos_weight: float = 300.0
-    loss_scale: float = 100.0
-
-    def transformer(self) -> TransformerConfig:
-        """The backbone's config (validates the shared fields)."""
-        return TransformerConfig(vocab_size=self.vocab_size, d_model=self.d_model,
-                                 n_layers=self.n_layers, n_heads=self.n_heads,
-                                 n_kv_heads=self.n_kv_heads, max_seq_len=self.max_seq_len)
-
-    def check_tokenizer(self, tokenizer: TrigramTokenizer) -> None:
-        if (tokenizer.vocab_size, tokenizer.m) != (self.vocab_size, self.m):
-            raise ValueError(
-                f"tokenizer (vocab_size={tokenizer.vocab_size}, m={tokenizer.m}) does not match "
-                f"the model (vocab_size={self.vocab_size}, m={self.m})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +164,24 @@ class TFreeLM(nn.Module):
             cache.length += seq
         return self.head(self.norm(x))
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str = "cpu") -> TFreeLM:
+        """A released T-FREE checkpoint (the public trigrams repository's folder:
+        ``transformer/`` + ``tokenizer/``), strictly mapped, built on the meta device and
+        filled from memory-mapped files. The model gets ``.tokenizer`` (hash mode
+        ``reference``) and ``.released`` (its dictionary ``.words`` and what
+        `save_pretrained` needs); see `aa_compile.models.tfree.pretrained` and
+        docs/checkpoints.md."""
+        return load_tfree_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, tokenizer: TrigramTokenizer | None = None,
+                        words: list[str] | None = None) -> list[Path]:
+        """Write this model in the released layout (load -> save is bit-exact); a model not
+        loaded from one needs its ``reference``-mode ``tokenizer`` (``words``: the decoding
+        dictionary to store)."""
+        return save_tfree_pretrained(self, path, tokenizer, words)
+
     def loss(self, inputs: TFreeInputs) -> Tensor:
         """The reference's multi-hot BCE loss of ``inputs`` (which must carry targets)."""
         if inputs.targets is None:
@@ -220,6 +213,7 @@ class TFreeLM(nn.Module):
         if dictionary is None:
             dictionary = TFreeDictionary(tokenizer, [*words, *prompt_words, stop])
         dev = self.embed.weight.device
+        dictionary = dictionary.to(dev)  # its patterns meet the logits on the model's device
         total = len(prompt_words) + max_words
         if total > self.tcfg.max_seq_len:
             raise ValueError(f"prompt ({len(prompt_words)} words) + max_words={max_words} "

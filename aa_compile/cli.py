@@ -166,18 +166,26 @@ def _checkpoint_model(path: str, defaults: dict | None = None):
 def _saved_model(directory: str):
     """``(model, tokenizer, config.json)`` of a saved model directory; a DTM-compressed one
     (``fdtm apply --out``) through `aa_compile.dtm.load_applied`; a released HAT model (Hugging
-    Face layout) through `HATModel.from_pretrained`."""
+    Face layout) through `HATModel.from_pretrained`; a released T-FREE model (the public
+    trigrams repository's ``transformer/`` + ``tokenizer/`` folder) through
+    `TFreeLM.from_pretrained` (its dictionary words under the key ``"words"``)."""
     from aa_compile import dtm
     from aa_compile.models import checkpoint
     from aa_compile.models.hat import HATModel
     from aa_compile.models.hat.pretrained import MODEL_TYPE, HATCheckpointWarning
+    from aa_compile.models.tfree import TFreeLM
+    from aa_compile.models.tfree.pretrained import is_released_tfree
 
+    if is_released_tfree(directory):  # a released T-FREE model
+        model = TFreeLM.from_pretrained(directory)
+        return model, model.tokenizer, {"kind": "tfree", "released": True,
+                                        "words": model.released.words}
     raw = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")) \
         if (Path(directory) / "config.json").is_file() else None
     if isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE:  # a released HAT model
         with warnings.catch_warnings():
             warnings.simplefilter("always", HATCheckpointWarning)
-            return HATModel.from_pretrained(directory), None, {"kind": "hat"}
+            return HATModel.from_pretrained(directory), None, {"kind": "hat", "released": True}
     meta = checkpoint.read_config(directory)
     model = dtm.load_applied(directory) if "dtm" in meta else checkpoint.load_model(directory)
     return model, checkpoint.load_tokenizer(directory), meta
@@ -282,10 +290,17 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate_text(model, tokenizer: Any, kind: str, prompt: str, max_new: int,
-                  words: list[str] | None = None) -> str:
-    """The prompt and its greedy continuation by a saved model of ``kind``: ``max_new`` words
-    (T-FREE, from ``words``), bytes (HAT) or tokens (transformer, u-μP)."""
+#: the prompt ``generate`` continues when none is given
+DEFAULT_PROMPT = "Once upon a time"
+#: what ``generate`` counts for its throughput figure, per model kind
+GENERATED_UNIT = {"tfree": "words", "hat": "bytes"}
+
+
+def generate_counted(model, tokenizer: Any, kind: str, prompt: str, max_new: int,
+                     words: list[str] | None = None) -> tuple[str, int]:
+    """The prompt and its greedy continuation by a saved model of ``kind`` (``max_new`` words
+    for T-FREE, picked from ``words`` and the prompt's; bytes for HAT; tokens for transformer
+    and u-μP), and how many words / bytes / tokens were generated."""
     import torch
 
     if max_new < 0:
@@ -294,30 +309,107 @@ def generate_text(model, tokenizer: Any, kind: str, prompt: str, max_new: int,
         if tokenizer is None:
             raise ValueError("this T-FREE checkpoint has no tokenizer saved with it")
         out = model.generate(tokenizer, prompt, max_new, words=words or ())
-        return tokenizer.decode(tokenizer.words(prompt) + out)
+        return tokenizer.decode(tokenizer.words(prompt) + out), len(out)
     if kind == "hat":
-        return prompt + model.generate(prompt, max_bytes=max_new)
+        data, _ = model.generate_bytes(prompt, max_bytes=max_new)
+        return prompt + model.splitter.decode(data), len(data)
     ids = _encode(tokenizer, prompt)
     if not ids:
         raise ValueError("the prompt is empty: give at least one token")
-    out = model.generate(torch.tensor([ids], dtype=torch.int64), max_new)[0].tolist()
-    return tokenizer.decode(out)
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([ids], dtype=torch.int64, device=device),
+                         max_new)[0].tolist()
+    return tokenizer.decode(out), len(out) - len(ids)
+
+
+def generate_text(model, tokenizer: Any, kind: str, prompt: str, max_new: int,
+                  words: list[str] | None = None) -> str:
+    """The prompt and its greedy continuation (see `generate_counted`)."""
+    return generate_counted(model, tokenizer, kind, prompt, max_new, words)[0]
+
+
+def compile_for_generation(model, kind: str, options: dict) -> None:
+    """Compile, in place with ``backend="aa"``, the modules the cached generation of ``kind``
+    calls: the whole forward of T-FREE, transformer and u-μP (one graph for the prefill, one
+    for the steps: ``dynamic=True``); for HAT the word pooling, the backbone blocks and the
+    byte stacks' norms and MLPs (its cached decoding calls these pieces, not the forward)."""
+    if kind != "hat":
+        model.compile(backend="aa", options=options, dynamic=True)
+        return
+    parts = [model.pooling, *model.backbone, model.decoder.norm]
+    for layer in [*model.encoder.layers, *model.decoder.layers]:
+        parts += [layer.attn_norm, layer.mlp_norm, layer.mlp]
+    for part in parts:
+        part.compile(backend="aa", options=options, dynamic=True)
+
+
+def _generation_words(args: argparse.Namespace, meta: dict) -> list[str] | None:
+    """T-FREE's dictionary: the checkpoint's words (``--max-words`` first ones) and the
+    ``--words`` file's."""
+    from aa_compile.models import load_words
+
+    words = list(meta["words"]) if meta.get("released") else \
+        list(load_words(args.checkpoint) or [])
+    if args.max_words is not None:
+        words = words[:args.max_words]
+    if args.words:
+        try:
+            extra = Path(args.words).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--words {args.words}: {_one_line(e)}") from None
+        words += [w for w in extra if w]
+    return words
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from aa_compile.models import ByteTokenizer, load_words
+    import time
 
+    import torch
+
+    from aa_compile.config import Config
+    from aa_compile.models import ByteTokenizer
+
+    if args.prompt is not None and args.text is not None:
+        raise ValueError("give the prompt as the PROMPT argument or --prompt, not both")
+    prompt = args.text if args.text is not None else (
+        args.prompt if args.prompt is not None else DEFAULT_PROMPT)
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"cannot load {args.checkpoint}: generate takes a saved model "
-                         "directory (the --out of a training CLI)")
+                         "directory (the --out of a training CLI, or a released HAT or T-FREE "
+                         "folder)")
+    if args.max_words is not None and args.max_words < 0:
+        raise ValueError(f"--max-words must be >= 0, got {args.max_words}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, meta = _saved_model(args.checkpoint)
-    if meta["kind"] != "tfree":
+    kind = meta["kind"]
+    if kind != "tfree":
         tokenizer = _text_tokenizer(args.tokenizer, tokenizer)
+        if args.words or args.max_words is not None:
+            raise ValueError("--words and --max-words apply to T-FREE models only")
     elif args.tokenizer is not None:
         raise ValueError("--tokenizer does not apply to T-FREE (it has its trigram tokenizer)")
-    words = load_words(args.checkpoint) if meta["kind"] == "tfree" else None
-    print(generate_text(model, tokenizer or ByteTokenizer(), meta["kind"], args.prompt,
-                        args.max_new_tokens, words))
+    words = _generation_words(args, meta) if kind == "tfree" else None
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
+    model = model.to(device=device, dtype=dtype).eval()
+    inner = args.inner_compiler or ("inductor" if device.startswith("cuda") else "eager")
+    if args.backend == "aa":
+        compile_for_generation(model, kind, Config.from_options(
+            {"inner_compiler": inner}).__dict__)
+        # the same run first, so that the figure below leaves out the compiles (a greedy
+        # generation repeats itself, so the second run meets no new shape)
+        generate_counted(model, tokenizer or ByteTokenizer(), kind, prompt,
+                         args.max_new_tokens, words)
+    start = time.perf_counter()
+    text, n = generate_counted(model, tokenizer or ByteTokenizer(), kind, prompt,
+                               args.max_new_tokens, words)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(text)
+    unit = GENERATED_UNIT.get(kind, "tokens")
+    how = f"backend aa, inner compiler {inner}" if args.backend == "aa" else "eager"
+    print(f"generated {n} {unit} in {seconds:.3f} s: {n / max(seconds, 1e-9):.1f} {unit}/s "
+          f"({kind}, {device}, {how}, cached decoding)", file=sys.stderr)
     return 0
 
 
@@ -509,17 +601,42 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
 
     gen = command("generate", "continue a text with a saved model (greedy)",
-                  "Greedy continuation of --prompt by a saved model directory of any kind "
-                  "(the --out of a training CLI, or of fdtm apply).")
+                  "Greedy continuation of a prompt by a saved model directory of any kind "
+                  "(the --out of a training CLI or of fdtm apply) or a released HAT (Hugging "
+                  "Face layout) or T-FREE (trigrams repository layout) folder, with the cached "
+                  "decoding. Prints the text, and to stderr the words/s (T-FREE), bytes/s "
+                  "(HAT) or tokens/s figure of the second of two identical runs (the first compiles).")
+    gen.add_argument("text", nargs="?", default=None, metavar="PROMPT",
+                     help="the text to continue (or --prompt; default: "
+                     f"{DEFAULT_PROMPT!r})")
     gen.add_argument("--checkpoint", required=True, metavar="DIR",
-                     help="saved model directory (required, no default)")
-    gen.add_argument("--prompt", default="Once upon a time", help="the text to continue")
+                     help="saved model directory or released HAT / T-FREE folder (required, "
+                     "no default)")
+    gen.add_argument("--prompt", default=None,
+                     help=f"the text to continue (default: {DEFAULT_PROMPT!r})")
     gen.add_argument("--max-new-tokens", type=int, default=32,
                      help="how much to generate: words (T-FREE), bytes (HAT) or tokens "
                      "(transformer, u-μP)")
     gen.add_argument("--tokenizer", default=None,
                      help="'bytes' (UTF-8 bytes) or a local Hugging Face tokenizer "
                      "directory/name (default: the checkpoint's, else bytes; not for T-FREE)")
+    gen.add_argument("--backend", choices=["aa", "eager"], default="aa",
+                     help="aa: torch.compile(backend='aa') of what the cached decoding calls; "
+                     "eager: the reference modules as they are")
+    gen.add_argument("--inner-compiler", choices=["inductor", "eager", "aot_eager"],
+                     default=None, help="what compiles the graphs after the aa passes "
+                     "(default: inductor on CUDA, eager on the CPU, where inductor's compile "
+                     "time outweighs a short generation)")
+    gen.add_argument("--device", default=None,
+                     help="where the model runs (default: cuda if available, else cpu)")
+    gen.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                     help="convert the model (default: as stored)")
+    gen.add_argument("--words", default=None, metavar="FILE",
+                     help="T-FREE: a text file of extra dictionary words, one per line "
+                     "(default: none; the prompt's words are always added)")
+    gen.add_argument("--max-words", type=int, default=None, metavar="N",
+                     help="T-FREE: keep only the checkpoint's first N dictionary words (the "
+                     "most frequent; default: all)")
     add_threads_argument(gen)
     gen.set_defaults(func=_generate)
 

@@ -4,6 +4,11 @@ on the CPU (the file `aa_compile.export.onnx` writes) against the same model in 
 Variants: ``eager``, ``inductor``, ``aa`` (as ``bench/test_transformer.py``) and the peer
 ``onnxruntime`` (the ONNX export of the aa-rewritten model, ``CPUExecutionProvider``, one
 session with torch's thread count). CPU only: the export's session runs on the CPU here.
+
+``export_int8_transformer_fwd``: the same model with every block linear int8 (an FDTM plan,
+`aa_compile.dtm.apply`), in ``eager`` and ``aa`` and exported twice: ``onnxruntime`` (standard
+ops, ``runtime="standard"``: DequantizeLinear + MatMul) and ``onnxruntime_matmulnbits`` (the
+default ``runtime="onnxruntime"``: onnxruntime's MatMulNBits with int8 activations).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from bench.harness import (BASE_VARIANTS, bench_variant, inference_step, inferen
                            seed_all, transformer_cases)
 
 PEERS = ("onnxruntime",)
+#: the int8 workload's variants: PyTorch (inductor left out: the int8 linears are opaque to it)
+#: and the two exports
+INT8_VARIANTS = ("eager", "aa", "onnxruntime", "onnxruntime_matmulnbits")
 
 #: the shapes of this workload file, per --quick / --device (see bench/conftest.py)
 CASES = transformer_cases
@@ -35,14 +43,16 @@ def base(case, settings):
     return model, ids
 
 
-def onnxruntime_variant(model: torch.nn.Module, ids: torch.Tensor, directory) -> Callable:
-    """``ids -> logits`` through onnxruntime on the exported (aa-rewritten) model."""
+def onnxruntime_variant(model: torch.nn.Module, ids: torch.Tensor, directory,
+                        runtime: str = "onnxruntime") -> Callable:
+    """``ids -> logits`` through onnxruntime on the exported (aa-rewritten) model; ``runtime``
+    as `aa_compile.export.onnx` takes it."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from aa_compile.export import onnx
 
     path = directory / "transformer.onnx"
-    onnx(model, (ids,), path, dynamic_shapes=({0: "batch", 1: "seq"},))
+    onnx(model, (ids,), path, dynamic_shapes=({0: "batch", 1: "seq"},), runtime=runtime)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -68,3 +78,31 @@ def test_export_transformer_fwd(benchmark, settings, case, base, variant, repeat
 
     bench_variant(benchmark, settings, case, variant, "export_transformer_fwd", kind="model",
                   build=build, step=lambda run: inference_step(run, ids))
+
+
+@pytest.fixture(scope="module")
+def int8_model(base):
+    """The base model with every block linear int8 (the LM head kept), as an FDTM plan does."""
+    from aa_compile import dtm
+
+    model, ids = base
+    plan = {name: "int8" for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    return dtm.apply(model, plan), ids
+
+
+@pytest.mark.parametrize("variant", INT8_VARIANTS)
+def test_export_int8_transformer_fwd(benchmark, settings, case, int8_model, variant, repeat,
+                                     tmp_path_factory):
+    if settings.device != "cpu":
+        pytest.skip("the exported model runs on onnxruntime's CPU provider here")
+    model, ids = int8_model
+
+    def build():
+        if variant.startswith("onnxruntime"):
+            runtime = "onnxruntime" if variant == "onnxruntime_matmulnbits" else "standard"
+            return onnxruntime_variant(model, ids, tmp_path_factory.mktemp("export"), runtime)
+        return inference_variant(model, variant)
+
+    bench_variant(benchmark, settings, case, variant, "export_int8_transformer_fwd",
+                  kind="model", build=build, step=lambda run: inference_step(run, ids))

@@ -33,6 +33,7 @@ def test_random_model_json_report(tmp_path, capsys):
     assert _run(["export", "onnx", "--out", str(out), "--json", *SMALL]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ops"]["aa::rms_norm"][0] == 3  # 2 per layer + the final norm
+    assert report["runtime"] == "onnxruntime" and report["bounds"] == {"seq": 64}
     assert report["dynamic"] == {"0": {"0": "batch", "1": "seq"}}
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: torch.zeros(3, 5, dtype=torch.int64)
@@ -61,3 +62,11 @@ def test_saved_checkpoint(tmp_path, capsys):
 def test_bad_options(extra, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         _run(["export", "onnx", "--out", str(tmp_path / "x.onnx"), *SMALL, *extra])
+
+
+def test_runtime_option(tmp_path, capsys):
+    out = tmp_path / "s.onnx"
+    assert _run(["export", "onnx", "--out", str(out), "--runtime", "standard", *SMALL]) == 0
+    assert "for standard" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _run(["export", "onnx", "--out", str(out), "--runtime", "tensorrt", *SMALL])

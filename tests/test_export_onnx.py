@@ -7,13 +7,14 @@ here, independent of the export."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("onnx")
+onnx_lib = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
@@ -53,7 +54,8 @@ def test_reference_transformer_dynamic_batch_and_sequence(reference, tmp_path):
                                               "rms_norm")}
     assert report.rewrites["rms_norm"] == 5
     assert report.dynamic == {0: {0: "batch", 1: "seq"}}
-    assert "aa::rms_norm x5" in str(report)
+    assert report.bounds == {"seq": 64}  # the model's max_seq_len (its RoPE table)
+    assert "aa::rms_norm x5" in str(report) and "seq <= 64" in str(report)
     for shape in [(2, 8), (3, 13), (1, 5)]:  # other batch and sequence sizes than exported
         other = torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
@@ -61,16 +63,92 @@ def test_reference_transformer_dynamic_batch_and_sequence(reference, tmp_path):
         _assert_matches(_run(tmp_path / "ref.onnx", other)[0], want)
 
 
-def test_int8_model_from_an_fdtm_plan(reference, tmp_path):
+def test_int8_model_from_an_fdtm_plan_standard_ops(reference, tmp_path):
+    """``runtime="standard"``: int8 codes through DequantizeLinear, float activations, 1e-4."""
     plan = {"layers.0.attn.q_proj": "int8", "layers.1.mlp.down_proj": "int8"}
     model = dtm.apply(reference, plan)
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
-    report = onnx(model, (ids,), tmp_path / "int8.onnx", dynamic_shapes=({1: "seq"},))
+    report = onnx(model, (ids,), tmp_path / "int8.onnx", dynamic_shapes=({1: "seq"},),
+                  runtime="standard")
     assert report.ops["aa::int8_linear"][0] == 2
+    assert report.min_sqnr_db is None
+    ops = {(n.domain, n.op_type) for n in onnx_lib.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert ("", "DequantizeLinear") in ops and not any(d for d, _ in ops)
     other = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = model(other)
     _assert_matches(_run(tmp_path / "int8.onnx", other)[0], want)
+
+
+def _sqnr_db(got: torch.Tensor, want: torch.Tensor) -> float:
+    noise = (got.double() - want.double()).pow(2).sum()
+    return (10 * torch.log10(want.double().pow(2).sum() / noise)).item()
+
+
+def test_int8_model_runs_as_matmulnbits_for_onnxruntime(reference, tmp_path):
+    """Every block linear int8: the default runtime (onnxruntime) writes MatMulNBits with packed
+    uint8 codes, no int8 weight left, and every output keeps the stated 30 dB SQNR vs eager, also
+    at shapes other than the exported one."""
+    plan = {name: "int8" for name, m in reference.named_modules()
+            if isinstance(m, nn.Linear) and name != "lm_head"}
+    model = dtm.apply(reference, plan)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    report = onnx(model, (ids,), tmp_path / "nbits.onnx", dynamic_shapes=({0: "b", 1: "seq"},))
+    assert report.ops["aa::int8_linear"] == (
+        len(plan), "aa_compile.kernels.int8_linear.onnx_translation:int8_linear_matmulnbits")
+    assert report.min_sqnr_db == 30.0 and report.sqnr_db[0] >= 30.0
+    assert "SQNR per output" in str(report)
+    graph = onnx_lib.load(str(tmp_path / "nbits.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(plan) and {n.domain for n in nbits} == {"com.microsoft"}
+    assert "DequantizeLinear" not in {n.op_type for n in graph.node}
+    assert not [i.name for i in graph.initializer if i.data_type == onnx_lib.TensorProto.INT8]
+    for shape in [(2, 6), (3, 11)]:
+        other = torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            want = model(other)
+        got = _run(tmp_path / "nbits.onnx", other)[0]
+        assert got.shape == want.shape
+        assert _sqnr_db(got, want) >= 30.0
+
+
+def test_int8_below_its_sqnr_bound_names_the_way_out(monkeypatch, tmp_path):
+    """A lossy variant is held to its SQNR bound: one nothing meets raises, naming the output
+    and runtime='standard'."""
+    from aa_compile.export import translations
+
+    class Int8(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(9)
+            self.register_buffer("w", torch.randint(-127, 128, (16, 32), generator=g,
+                                                    dtype=torch.int8))
+            self.register_buffer("s", torch.rand(16, generator=g) / 50)
+
+        def forward(self, x):
+            return torch.ops.aa.int8_linear(x, self.w, self.s, None)
+
+    strict = dataclasses.replace(translations.ONNXRUNTIME_VARIANTS["aa::int8_linear"],
+                                 min_sqnr_db=1000.0)
+    monkeypatch.setitem(translations.ONNXRUNTIME_VARIANTS, "aa::int8_linear", strict)
+    with pytest.raises(MismatchError, match=r"output 0: .*SQNR.*below the 1000 dB.*"
+                       r"runtime='standard'"):
+        onnx(Int8(), (torch.randn(4, 32),), tmp_path / "s.onnx")
+
+
+def test_dynamic_dims_bad_bounds_and_values(tmp_path):
+    from torch.export import Dim
+
+    with pytest.raises(ExportError, match=r"size 4 is outside b's bounds \[2, 3\]"):
+        onnx(_Linear(), (torch.randn(4, 32),), tmp_path / "x.onnx",
+             dynamic_shapes=({0: Dim("b", min=2, max=3)},))
+    with pytest.raises(ExportError, match="neither a name nor a torch.export.Dim"):
+        onnx(_Linear(), (torch.randn(4, 32),), tmp_path / "x.onnx", dynamic_shapes=({0: 5},))
+
+
+def test_bad_runtime_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"runtime='trt' is not valid"):
+        onnx(_Linear(), (torch.randn(2, 32),), tmp_path / "x.onnx", runtime="trt")
 
 
 class _Linear(nn.Module):

@@ -41,8 +41,8 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--seq-len", type=int, default=16, help="example sequence length (token "
                    "models)")
     p.add_argument("--static", action="store_true",
-                   help="fixed shapes (default: off, dynamic batch and sequence for token models, "
-                   "dynamic trigram count for T-FREE; HAT is always static)")
+                   help="fixed shapes (default: off: dynamic batch and sequence for token models "
+                   "and T-FREE (with its trigram count), every ByteBatch size for HAT)")
     p.add_argument("--d-model", type=int, default=64, help="random model: width")
     p.add_argument("--layers", type=int, default=2, help="random model: layers")
     p.add_argument("--vocab-size", type=int, default=256, help="random model: vocabulary")
@@ -50,6 +50,10 @@ def add_subcommand(subparsers: Any) -> None:
                    help="aa backend options as JSON, e.g. '{\"disable\": [\"rms_norm\"]}'")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="largest accepted max|onnxruntime - eager| / max|eager| per output")
+    p.add_argument("--runtime", choices=("onnxruntime", "standard"), default="onnxruntime",
+                   help="onnxruntime: its contrib operators where faster (int8 linears as "
+                   "MatMulNBits with int8 activations, checked by SQNR); standard: standard ONNX "
+                   "operators only, for any runtime")
     p.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
     add_threads_argument(p)
     p.set_defaults(func=run_onnx)
@@ -71,7 +75,7 @@ def run_onnx(args: argparse.Namespace) -> int:
                              "(torch fixes sizes 0 and 1), or pass --static")
     model, inputs, dynamic = _model_and_inputs(args)
     report = onnx(model, inputs, args.out, dynamic_shapes=None if args.static else dynamic,
-                  options=options, rtol=args.rtol)
+                  options=options, rtol=args.rtol, runtime=args.runtime)
     if args.json:
         print(json.dumps({**report.__dict__, "ops": {k: list(v) for k, v in report.ops.items()}},
                          indent=2))
@@ -107,9 +111,11 @@ def _model_and_inputs(args: argparse.Namespace):
         if kind == "tfree":
             tokenizer = checkpoint.load_tokenizer(args.checkpoint)
             words = EXAMPLE_TEXT.split()[:4]
+            wrapped = TFreeWords(model)
             inputs = TFreeWords.example(tokenizer, [words, words[::-1]])
-            return TFreeWords(model, 2, len(words)), inputs, ({0: "trigrams"}, {0: "trigrams"})
+            return wrapped, inputs, wrapped.dynamic_shapes()
         if kind == "hat":
-            return HATBytes(model), HATBytes.example(model, [EXAMPLE_TEXT]), None
+            texts = [EXAMPLE_TEXT, EXAMPLE_TEXT.upper()]  # two documents: every size >= 2
+            return HATBytes(model), HATBytes.example(model, texts), HATBytes.dynamic_shapes()
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=g)
     return model, (ids,), ({0: "batch", 1: "seq"},)

@@ -1,12 +1,15 @@
-"""Modules that give each model family a forward of tensors only, as an export needs, and
-their example inputs: Hugging Face causal LMs (``ids -> logits``), the T-FREE LM (trigram slots
-and their words, the batch x sequence grid bound) and HAT (the fields of a ``ByteBatch``)."""
+"""Modules that give each model family a forward of tensors only, as an export needs, their
+example inputs and (T-FREE, HAT) their dynamic shapes: Hugging Face causal LMs (``ids ->
+logits``), the T-FREE LM (trigram slots, their words and a ``[batch, seq]`` grid) and HAT (the
+fields of a ``ByteBatch``)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
+from torch.export import Dim
 from torch import nn
 
 from aa_compile.models.hat import HATModel
@@ -30,21 +33,32 @@ class CausalLMLogits(nn.Module):
 
 
 class TFreeWords(nn.Module):
-    """`TFreeLM` on ``(trigram_slots, word_of_trigram)`` with its ``batch`` x ``seq`` word grid
-    bound (ints, not tensors); the number of trigrams may vary."""
+    """`TFreeLM` on ``(trigram_slots, word_of_trigram, word_grid)``: ``word_grid`` is any
+    ``[batch, seq]`` tensor (only its shape is read: `example` gives each word's index), so
+    batch, sequence and the number of trigrams may all vary in an export (`dynamic_shapes`)."""
 
-    def __init__(self, lm: TFreeLM, batch: int, seq: int) -> None:
+    def __init__(self, lm: TFreeLM) -> None:
         super().__init__()
-        self.lm, self.batch, self.seq = lm, batch, seq
+        self.lm = lm
 
-    def forward(self, trigram_slots: torch.Tensor, word_of_trigram: torch.Tensor) -> torch.Tensor:
-        return self.lm(trigram_slots, word_of_trigram, self.batch, self.seq)
+    def forward(self, trigram_slots: torch.Tensor, word_of_trigram: torch.Tensor,
+                word_grid: torch.Tensor) -> torch.Tensor:
+        batch, seq = word_grid.shape
+        return self.lm(trigram_slots, word_of_trigram, batch, seq)
 
     @staticmethod
     def example(tokenizer: TrigramTokenizer, words: list[list[str]]) -> tuple[torch.Tensor, ...]:
         """The inputs of ``words`` (one equally long word list per sequence)."""
         enc = TFreeInputs.from_words(tokenizer, words, targets=False)
-        return enc.trigram_slots, enc.word_of_trigram
+        grid = torch.arange(enc.batch * enc.seq).view(enc.batch, enc.seq)
+        return enc.trigram_slots, enc.word_of_trigram, grid
+
+    def dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
+        """Trigrams, batch and sequence dynamic; the sequence at most the model's
+        ``max_seq_len`` (its RoPE table)."""
+        trigrams = Dim("trigrams", min=1)
+        seq = Dim("seq", min=1, max=self.lm.tcfg.max_seq_len)
+        return {0: trigrams}, {0: trigrams}, {0: Dim("batch", min=1), 1: seq}
 
 
 class HATBytes(nn.Module):
@@ -62,3 +76,18 @@ class HATBytes(nn.Module):
         """The inputs of ``texts`` (one document each), split by the model's splitter."""
         batch = model.splitter.encode(texts)
         return tuple(getattr(batch, f) for f in BYTE_BATCH_FIELDS)
+
+    @staticmethod
+    def dynamic_shapes() -> tuple[dict[int, Any], ...]:
+        """Every size of a `ByteBatch` dynamic, tied as the fields share them: bytes ``T``,
+        words ``W`` (offsets ``W + 1``), documents ``D`` (offsets ``D + 1``), the longest word
+        ``L`` and the most words in a document ``M``."""
+        t, w, d = Dim("bytes", min=1), Dim("words", min=1), Dim("docs", min=1)
+        longest, most = Dim("longest_word", min=1), Dim("most_words", min=1)
+        dims = {"bytes": {0: t}, "word_offsets": {0: w + 1}, "doc_offsets": {0: d + 1},
+                "byte_word": {0: t}, "byte_doc": {0: t}, "byte_pos": {0: t},
+                "word_doc": {0: w}, "word_pos": {0: w}, "word_bytes": {0: w, 1: longest},
+                "word_mask": {0: w, 1: longest}, "doc_words": {0: d, 1: most},
+                "doc_word_mask": {0: d, 1: most}, "targets": {0: t},
+                "byte_doc_offsets": {0: d + 1}}
+        return tuple(dims[f] for f in BYTE_BATCH_FIELDS)

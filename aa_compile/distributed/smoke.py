@@ -1,12 +1,15 @@
 """``python -m aa_compile.distributed.smoke``: a few training steps of a tiny reference
 transformer under FSDP2 or tensor parallelism with ``backend="aa"``, to check that a machine or
 a cluster runs the recipes of ``docs/distributed.md``. Launch it with ``torchrun``; every rank
-prints its losses and the ``aa`` rewrites, rank 0 writes them all to ``--out`` as JSON."""
+prints its losses and the ``aa`` rewrites, rank 0 writes them all to ``--out`` as JSON.
+``--save DIR`` writes a distributed checkpoint after the last step and ``--resume DIR`` goes on
+from one, on any number of processes (``torchrun --nproc-per-node 1`` included)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from aa_compile.models.transformer import Transformer, TransformerConfig
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .fsdp import rewrites_per_rank, shard_blocks
 from .launch import init_from_env
 from .tp import parallelize_transformer
@@ -33,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inner-compiler", default="eager",
                         help="the aa backend's inner compiler (inductor for real runs)")
     parser.add_argument("--out", default=None, help="JSON of every rank's results (rank 0)")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="write a distributed checkpoint (torch.distributed.checkpoint) "
+                             "to DIR after the last step")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="load the checkpoint in DIR first and go on from its step (it may "
+                             "come from another number of processes)")
     return parser.parse_args(argv)
 
 
@@ -41,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.batch < 1:
         raise SystemExit("--steps and --batch must be >= 1")
     group = init_from_env()
+    if group is None and os.environ.get("WORLD_SIZE") == "1":  # torchrun, one process
+        dist.init_process_group("gloo")
+        group = dist.group.WORLD
     if group is None:
         raise SystemExit("run me under torchrun, e.g. torchrun --standalone --nproc-per-node 2 "
                          "-m aa_compile.distributed.smoke")
@@ -56,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         parallelize_transformer(model, init_device_mesh("cpu", (world_of(group),)))
         forward = torch.compile(model, backend="aa", options=options)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = load_checkpoint(args.resume, model, opt) if args.resume else 0
     losses = []
     for _ in range(args.steps):
         logits = forward(ids[:, :-1])
@@ -66,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         mean = sum_over_ranks(loss.detach(), group) / world_of(group) if args.mode == "fsdp" \
             else loss.detach()
         losses.append(round(mean.item(), 6))
+    if args.save:
+        save_checkpoint(args.save, model, opt, start + args.steps, global_batch=args.batch)
     rewrites = rewrites_per_rank(group)[rank_of(group)]
-    print(f"rank {rank_of(group)}: losses {losses}, aa rewrites "
-          f"{ {k: v for k, v in rewrites.items() if v} }", flush=True)
+    print(f"rank {rank_of(group)}: steps {start + 1}-{start + args.steps}: losses {losses}, "
+          f"aa rewrites { {k: v for k, v in rewrites.items() if v} }", flush=True)
     everything = gather_objects({"losses": losses, "rewrites": rewrites}, group)
     if is_writer(group) and args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"mode": args.mode, "ranks": everything}, indent=2))
+        Path(args.out).write_text(json.dumps({"mode": args.mode, "first_step": start + 1,
+                                              "ranks": everything}, indent=2))
     dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
     return 0

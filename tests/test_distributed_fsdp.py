@@ -137,6 +137,8 @@ def test_shard_blocks_bad_inputs():
         aad.shard_blocks(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="inner_compiler"):
         aad.shard_blocks(build("reference"), compile_options={"inner_compiler": "nope"})
+    with pytest.raises(ValueError, match="fp8='static'"):
+        aad.shard_blocks(build("umup"), fp8_all_gather=True)
 
 
 def test_blocks_finds_every_block_list():

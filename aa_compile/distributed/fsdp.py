@@ -21,6 +21,7 @@ from aa_compile.config import Config
 from aa_compile.models.umup import UmupTransformer
 from aa_compile.report import reports
 
+from .fp8_all_gather import cast_before_all_gather
 from .work import gather_objects
 
 
@@ -41,7 +42,8 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def shard_blocks(model: nn.Module, *, compile_options: Mapping[str, Any] | Config | None = None,
                  compile: bool = True, mesh: Any = None,
-                 gradient_divide_factor: float | None = None, **fsdp_kwargs: Any) -> nn.Module:
+                 gradient_divide_factor: float | None = None, fp8_all_gather: bool = False,
+                 **fsdp_kwargs: Any) -> nn.Module:
     """Compile every block (see `blocks`) with ``backend="aa"`` and ``fully_shard`` it, then
     ``fully_shard`` the root (embedding, final norm, head) and compile it too; returns
     ``model`` (changed in place). The root's graphs break at each block's FSDP hooks, so the
@@ -52,8 +54,9 @@ def shard_blocks(model: nn.Module, *, compile_options: Mapping[str, Any] | Confi
     ``gradient_divide_factor``: what the reduce-scatter divides the summed gradients by
     (FSDP2's default: the world size, a mean). A u-μP model gets ``sqrt(world)`` unless given:
     its weight gradients are scaled by ``1/sqrt(tokens)`` of the *local* batch, so only that
-    factor gives the one-process gradients of the global batch. Needs an initialised process
-    group.
+    factor gives the one-process gradients of the global batch. ``fp8_all_gather``: all-gather
+    the weights ``fp8="static"`` runs in FP8 as E4M3 bytes (`aa_compile.distributed.fp8_all_gather`);
+    needs ``compile_options`` with ``fp8="static"``. Needs an initialised process group.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"shard_blocks: model must be an nn.Module, got {type(model).__name__}")
@@ -62,6 +65,8 @@ def shard_blocks(model: nn.Module, *, compile_options: Mapping[str, Any] | Confi
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to shard: "
                          "call torch.distributed.fsdp.fully_shard on its blocks yourself")
     options = Config.from_options(compile_options).__dict__ if compile else None
+    if fp8_all_gather:  # before fully_shard: FSDP2 reads the extension hooks when it shards
+        cast_before_all_gather(model, compile_options)
     for _, block in found:
         if compile:
             block.compile(backend="aa", options=options)

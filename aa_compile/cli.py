@@ -39,6 +39,7 @@ def _info(args: argparse.Namespace) -> int:
     import torch
 
     import aa_compile
+    from aa_compile.export.translations import translation_kinds
     from aa_compile.ops import OPS
     from aa_compile.passes.pipeline import PIPELINE
 
@@ -57,6 +58,7 @@ def _info(args: argparse.Namespace) -> int:
         "gpu": gpu,
         "backend": "aa (torch.compile(model, backend='aa'))",
         "ops": {name: entry.kernels for name, entry in OPS.items()},
+        "onnx": translation_kinds(),
         "passes": {p.name: p.description for p in PIPELINE},
     }
     if args.json:
@@ -69,6 +71,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {name}")
         for device, module in kernels.items():
             print(f"    {device:<10} {module}")
+        print(f"    {'onnx':<10} {info['onnx'].get(name, 'none (no register_onnx)')}")
     print("passes (pipeline order):")
     for name, description in info["passes"].items():
         print(f"  {name:<12} {description}")

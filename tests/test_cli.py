@@ -19,6 +19,15 @@ def test_info_lists_ops_and_passes(capsys):
     assert "aa::rms_norm" in info["ops"]
     assert info["ops"]["aa::rms_norm"]["cpu"] == "aa_compile.kernels.rms_norm.cpu:rms_norm_fwd"
     assert "rms_norm" in info["passes"]
+    assert "MatMulNBits" in info["onnx"]["aa::int8_linear"]
+    assert info["onnx"]["aa::rms_norm"].startswith("standard ops")
+
+
+def test_info_text_has_an_onnx_line_per_op(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    block = out.split("  aa::int8_linear\n", 1)[1].split("\n  aa::", 1)[0]
+    assert "onnx" in block and "MatMulNBits" in block
 
 
 def test_report_on_reference_transformer(capsys):

@@ -10,7 +10,11 @@ Variants (peers of the ops, no compiler involved):
   the dense one: a ``[tokens, latents]`` gradient);
 - ``embedding_bag``: decode as ``F.embedding_bag(mode="sum", per_sample_weights=values)`` (the
   sparsify / SAELens#428 approach);
-- ``aa_op``: ``torch.ops.aa.sae_decode`` / ``torch.ops.aa.sae_encode`` (sparse backward).
+- ``aa_op``: ``torch.ops.aa.sae_decode`` / ``torch.ops.aa.sae_encode`` (sparse backward);
+- ``sae_lens``: sae-lens' own ``TopKSAE`` (``encode``: ``addmm``, TopK, ReLU into dense latents;
+  ``decode``: dense latents ``@ W_dec + b_dec``) holding this case's weights; decode's timed call
+  scatters the k values into the dense latents its ``decode`` takes. Skipped where sae-lens is
+  not installed (it is an optional peer). Its ReLU in place of our sigmoid costs the same.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from bench.harness import (CaseLabels, bench_variant, dtype_name, inference_step
                            skip_unless_aa_op, training_step)
 from bench.roofline import INDEX_BYTES, Work, itemsize
 
-DECODE_VARIANTS = ("dense", "embedding_bag", "aa_op")
-ENCODE_VARIANTS = ("dense", "aa_op")
+DECODE_VARIANTS = ("dense", "embedding_bag", "aa_op", "sae_lens")
+ENCODE_VARIANTS = ("dense", "aa_op", "sae_lens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +93,63 @@ def base(case, settings):
                 indices=indices)
 
 
-def decode_fn(variant: str, latents: int):
+def sae_lens_topk(case: SAECase, base: dict) -> torch.nn.Module:
+    """sae-lens' ``TopKSAE`` with the case's encoder, decoder and biases (skips the test where
+    sae-lens is not installed)."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (optional peer: "
+                                   "pip install sae-lens)")
+    w_enc = base["w_enc"]
+    cfg = sae_lens.TopKSAEConfig(d_in=case.d, d_sae=case.latents, k=case.k,
+                                 dtype=dtype_name(case.dtype), device=str(w_enc.device))
+    sae = sae_lens.TopKSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(w_enc.t())
+        sae.b_enc.copy_(base["bias"])
+        sae.b_dec.copy_(base["pre_bias"])
+        sae.W_dec.copy_(base["w_dec"])
+    return sae
+
+
+class SAELensDecode(torch.nn.Module):
+    """``(w, idx, v) -> TopKSAE.decode(dense latents)``: its own ``W_dec`` (a copy of ``w``)
+    and ``b_dec``; the k values are scattered into the dense latents its API takes."""
+
+    def __init__(self, sae: torch.nn.Module, latents: int) -> None:
+        super().__init__()
+        self.sae, self.latents = sae, latents
+
+    def forward(self, w, idx, v):
+        z = torch.zeros(v.shape[0], self.latents, device=v.device, dtype=v.dtype)
+        return self.sae.decode(z.scatter(1, idx, v))
+
+
+class SAELensEncode(torch.nn.Module):
+    """``(x, w, b, pb) -> TopKSAE.encode(x)``: dense latents from its own weights (copies of
+    ``w``, ``b``, ``pb``)."""
+
+    def __init__(self, sae: torch.nn.Module) -> None:
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x, w, b, pb):
+        return self.sae.encode(x)
+
+
+def peer_modules(fn) -> tuple:
+    """What else holds gradients to clear: the sae-lens peer's own parameters."""
+    return (fn,) if isinstance(fn, torch.nn.Module) else ()
+
+
+def decode_fn(variant: str, latents: int, case: SAECase, base: dict):
+    if variant == "sae_lens":
+        peer = SAELensDecode(sae_lens_topk(case, base), latents)
+        want = F.embedding_bag(base["indices"], base["w_dec"], per_sample_weights=base["values"],
+                               mode="sum") + base["pre_bias"]
+        with torch.no_grad():
+            got = peer(base["w_dec"], base["indices"], base["values"])
+        tol = 1e-4 if case.dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        return peer
     if variant == "dense":
         def dense(w, idx, v):
             z = torch.zeros(v.shape[0], latents, device=v.device, dtype=v.dtype)
@@ -101,7 +161,16 @@ def decode_fn(variant: str, latents: int):
     return torch.ops.aa.sae_decode
 
 
-def encode_fn(variant: str, k: int):
+def encode_fn(variant: str, k: int, case: SAECase, base: dict):
+    if variant == "sae_lens":
+        peer = SAELensEncode(sae_lens_topk(case, base))
+        with torch.no_grad():
+            dense = peer(base["x"], base["w_enc"], base["bias"], base["pre_bias"])
+        if case.dtype == torch.float32:  # (bfloat16 ties may pick other latents)
+            kept = dense.ne(0).nonzero()[:, 1].view(case.tokens, -1).sort(-1).values
+            assert torch.equal(kept, base["indices"].sort(-1).values), \
+                "sae-lens keeps other latents than aa::sae_encode"
+        return peer
     if variant == "dense":
         def dense(x, w, b, pb):
             pre = torch.addmm(b, x - pb, w.t())
@@ -116,7 +185,7 @@ def encode_fn(variant: str, k: int):
 def test_sae_decode_fwd(benchmark, settings, case, base, variant, repeat):
     bench_variant(benchmark, settings, case, variant, "sae_decode_fwd", kind="op",
                   work=decode_work(case, backward=False),
-                  build=lambda: decode_fn(variant, case.latents),
+                  build=lambda: decode_fn(variant, case.latents, case, base),
                   step=lambda fn: inference_step(fn, base["w_dec"], base["indices"],
                                                  base["values"]))
 
@@ -128,15 +197,16 @@ def test_sae_decode_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     grad = torch.randn(case.tokens, case.d, device=settings.device, dtype=case.dtype)
     bench_variant(benchmark, settings, case, variant, "sae_decode_fwd_bwd", kind="op",
                   work=decode_work(case, backward=True),
-                  build=lambda: decode_fn(variant, case.latents),
+                  build=lambda: decode_fn(variant, case.latents, case, base),
                   step=lambda fn: training_step(fn, w, base["indices"], v, grad=grad,
-                                                clear=(w, v)))
+                                                clear=(w, v, *peer_modules(fn))))
 
 
 @pytest.mark.parametrize("variant", ENCODE_VARIANTS)
 def test_sae_encode_fwd(benchmark, settings, case, base, variant, repeat):
     bench_variant(benchmark, settings, case, variant, "sae_encode_fwd", kind="op",
-                  work=encode_work(case, backward=False), build=lambda: encode_fn(variant, case.k),
+                  work=encode_work(case, backward=False),
+                  build=lambda: encode_fn(variant, case.k, case, base),
                   step=lambda fn: inference_step(fn, base["x"], base["w_enc"], base["bias"],
                                                  base["pre_bias"]))
 
@@ -145,6 +215,7 @@ def test_sae_encode_fwd(benchmark, settings, case, base, variant, repeat):
 def test_sae_encode_fwd_bwd(benchmark, settings, case, base, variant, repeat):
     leaves = [base[n].clone().requires_grad_(True) for n in ("x", "w_enc", "bias", "pre_bias")]
     bench_variant(benchmark, settings, case, variant, "sae_encode_fwd_bwd", kind="op",
-                  work=encode_work(case, backward=True), build=lambda: encode_fn(variant, case.k),
+                  work=encode_work(case, backward=True),
+                  build=lambda: encode_fn(variant, case.k, case, base),
                   step=lambda fn: training_step(fn, *leaves, grad=lambda out: torch.ones_like(out),
-                                                clear=tuple(leaves)))
+                                                clear=(*leaves, *peer_modules(fn))))

@@ -322,7 +322,7 @@ def run_benchmark(
         with collecting() as compiled:  # the graphs the aa backend compiles in this first call
             fn()
         info["compile_s"] = round(time.perf_counter() - start, 4)
-        if variant == "aa":
+        if variant == "aa" or compiled.graphs:
             info["aa_rewrites"] = compiled.rewrites
         peak = peak_memory_mib(fn, device)
         info["peak_mib"] = None if peak is None else round(peak, 3)

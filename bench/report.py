@@ -12,7 +12,9 @@ The harness puts workload, variant, shape, dtype, device, ``compile_s``, ``peak_
 Per row: median, p20 and p80 of the raw timings (numpy's linear percentiles), the speed-up
 against the ``eager`` and the ``inductor`` row of the same case (baseline median / row median,
 so > 1 means faster than the baseline; None when the case has no such row), peak MiB and
-compile seconds.
+compile seconds. A row whose ``extra_info["cost_vs"]`` names other variants of its case gets
+``cost``: its median over the sum of theirs (the steering workload's bars: a steered model
+against the unsteered one, plus the SAE alone).
 
 Output (`write_report`): ``<UTC timestamp>-<short commit>.{json,md,png}`` under the output
 folder, copied to ``latest.{json,md,png}``.
@@ -66,6 +68,8 @@ class Row:
     device_name: str | None = None  # torch.cuda.get_device_name() of a CUDA row
     ratio_vs_eager: float | None = None
     ratio_vs_inductor: float | None = None
+    cost_vs: tuple[str, ...] | None = None  # variants of the case this row's cost is held against
+    cost: float | None = None  # median / sum of the cost_vs variants' medians (< 1: cheaper)
     name: str = ""
 
     @property
@@ -117,12 +121,14 @@ def row_from_benchmark(bench: Mapping[str, Any]) -> Row:
         flops=info.get("flops"),
         flop_precision=info.get("flop_precision"),
         device_name=info.get("device_name"),
+        cost_vs=tuple(info["cost_vs"]) if info.get("cost_vs") else None,
         name=str(bench.get("name", "")),
     )
 
 
 def with_ratios(rows: Iterable[Row]) -> list[Row]:
-    """Copies of ``rows`` with the speed-ups against each baseline of the same case filled in."""
+    """Copies of ``rows`` with the speed-ups against each baseline of the same case filled in,
+    and the cost against the ``cost_vs`` variants where a row names them."""
     rows = list(rows)
     medians = {(r.case, r.variant): r.median_s for r in rows}
     out = []
@@ -131,8 +137,11 @@ def with_ratios(rows: Iterable[Row]) -> list[Row]:
         for base in BASELINES:
             m = medians.get((r.case, base))
             ratios[base] = m / r.median_s if m is not None and r.median_s > 0 else None
+        against = [medians.get((r.case, v)) for v in r.cost_vs or ()]
+        cost = (r.median_s / sum(against)
+                if against and None not in against and sum(against) > 0 else None)
         out.append(dataclasses.replace(
-            r, ratio_vs_eager=ratios["eager"], ratio_vs_inductor=ratios["inductor"]
+            r, ratio_vs_eager=ratios["eager"], ratio_vs_inductor=ratios["inductor"], cost=cost
         ))
     return out
 
@@ -291,10 +300,10 @@ def _rewrites(value: Mapping[str, int] | None) -> str:
 
 COLUMNS = (
     "workload", "shape", "dtype", "device", "variant", "median ms", "p20 ms", "p80 ms",
-    "rounds", "vs eager", "vs inductor", "peak MiB", "compile s", "throughput", "roofline",
-    "aa rewrites",
+    "rounds", "vs eager", "vs inductor", "cost", "peak MiB", "compile s", "throughput",
+    "roofline", "aa rewrites",
 )
-ALIGN = ("---",) * 5 + ("---:",) * 10 + ("---",)  # text left, numbers right
+ALIGN = ("---",) * 5 + ("---:",) * 11 + ("---",)  # text left, numbers right
 
 
 def _throughput(row: Row) -> str:
@@ -316,11 +325,18 @@ def _roofline(row: Row) -> str:
     return roofline_cell(work, row.median_s, row.device, row.device_name)
 
 
+def _cost(row: Row) -> str:
+    """``"1.02 of aa"``: the row's median over the summed medians of its ``cost_vs``."""
+    if row.cost is None:
+        return "—"
+    return f"{row.cost:.3f} of {'+'.join(row.cost_vs or ())}"
+
+
 def table_cells(row: Row) -> list[str]:
     return [
         row.workload, row.shape, row.dtype, row.device, row.variant,
         _ms(row.median_s), _ms(row.p20_s), _ms(row.p80_s), str(row.rounds),
-        _ratio(row.ratio_vs_eager), _ratio(row.ratio_vs_inductor),
+        _ratio(row.ratio_vs_eager), _ratio(row.ratio_vs_inductor), _cost(row),
         _num(row.peak_mib, ".1f"), _num(row.compile_s, ".2f"), _throughput(row),
         _roofline(row), _rewrites(row.aa_rewrites),
     ]
@@ -349,6 +365,8 @@ def render_markdown(rows: Sequence[Row], machine: Mapping[str, Any]) -> str:
         "Times per call in milliseconds (median, 20th and 80th percentile of the timed rounds). "
         "`vs eager` / `vs inductor`: baseline median / this median of the same case, "
         "so > 1 is faster than the baseline; — where the case has no such baseline. "
+        "`cost` (rows that name what they are held against, e.g. `1.02 of aa`): this median / "
+        "the sum of those variants' medians in the same case, so < 1 is cheaper. "
         "`compile s`: the first (warm-up) call, compilation included; it shrinks on re-runs that "
         "hit inductor's on-disk cache (`python -m bench --cold-cache` avoids that), and later "
         "variants can reuse kernels an earlier one compiled in the same process. `peak MiB`: see "

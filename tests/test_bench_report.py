@@ -217,3 +217,21 @@ def test_throughput_column_from_items_and_median():
     assert "words/s" in report.render_table(rows)
     plain = report.rows_from_pytest_benchmark({"benchmarks": [_bench("rms_norm_fwd", "aa", [1.0])]})
     assert report._throughput(plain[0]) == "—"
+
+
+def test_cost_against_the_sum_of_named_variants():
+    """A row naming ``cost_vs`` gets its median over the sum of those variants' medians."""
+    plain = _bench("rms_norm_fwd", "aa", [0.100, 0.110, 0.090])
+    alone = _bench("rms_norm_fwd", "alone", [0.020, 0.030, 0.010])
+    steered = _bench("rms_norm_fwd", "steered", [0.120, 0.130, 0.125])
+    steered["extra_info"]["cost_vs"] = ["aa", "alone"]
+    partial = _bench("rms_norm_fwd", "partial", [0.5])
+    partial["extra_info"]["cost_vs"] = ["aa", "missing"]
+    rows = report.rows_from_pytest_benchmark({"benchmarks": [plain, alone, steered, partial]})
+    by = {r.variant: r for r in rows}
+    assert by["steered"].cost == pytest.approx(0.125 / (0.100 + 0.020))
+    assert by["steered"].cost_vs == ("aa", "alone")
+    assert by["aa"].cost is None and by["partial"].cost is None  # nothing named / one missing
+    table = report.render_table(rows)
+    assert f"{0.125 / 0.120:.3f} of aa+alone" in table
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())

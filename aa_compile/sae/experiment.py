@@ -258,14 +258,32 @@ def _plot_steering(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for method in ("gsae", "vector", "scar"):
-        pts = [r for r in rows if r["method"] == method]
-        for ax, key in zip(axes, ("german_share", "bits_per_byte")):
-            ax.plot([r["alpha"] for r in pts], [r[key] for r in pts], "o-", label=method)
-            ax.set_xlabel("α (scar: latent scale)")
-            ax.set_ylabel(key.replace("_", " "))
-    axes[0].legend(fontsize=7)
+    # Residual methods (α in about [-1, 1]) and SCAR's latent scale (about [-20, 20]) get their
+    # own x axes; each panel shows the unsteered model as a dashed line.
+    panels = (("german_share", "German share of continuations"),
+              ("bits_per_byte", "bits/byte on held-out text"))
+    groups = ((("gsae", "G-SAE residual", "C0"), ("vector", "difference of means", "C1")),
+              (("scar", "SCAR-style (latent × α)", "C2"),))
+    xlabels = ("α (residual steering strength)", "α (scale of the concept latent)")
+    none = next((r for r in rows if r["method"] == "none"), None)
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharey="row")
+    for col, (methods, xlabel) in enumerate(zip(groups, xlabels)):
+        for row, (key, ylabel) in enumerate(panels):
+            ax = axes[row, col]
+            for method, label, color in methods:
+                pts = sorted((r["alpha"], r[key]) for r in rows if r["method"] == method)
+                if pts:
+                    ax.plot(*zip(*pts), "o-", color=color, label=label)
+            if none is not None:
+                ax.axhline(none[key], color="grey", ls="--", lw=1, label="unsteered")
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(ylabel)
+            if row == 0:
+                ax.legend(fontsize=8)
+    axes[0, 0].set_ylim(-0.05, 1.05)
+    fig.suptitle("Steering towards German")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -9,9 +9,11 @@ values and their latent indices, with a sparse backward.
 
 ``x`` is the SAE's normalised input ``[N, d]``, ``weight`` the encoder ``[L, d]``, ``bias`` the
 latent bias, ``pre_bias`` the input bias; ``values [N, k]`` in x's dtype, ``indices [N, k]``
-int64, TopK in descending order. The backward touches only the k kept entries per token (the
-dense ``[N, L]`` latent gradient never exists). Numerics and valid input:
-``kernels/sae_encode/reference.py``; kernels in ``kernels/sae_encode/``.
+int64, TopK in descending order, equal pre-activations by ascending latent index. On CUDA the
+forward is one fused Triton kernel (linear, TopK and activation; no ``[N, L]`` tensor) for
+16/32-bit floats and ``k <= 128``, else ``addmm`` + TopK. The backward touches only the k kept
+entries per token (the dense ``[N, L]`` latent gradient never exists). Numerics and valid
+input: ``kernels/sae_encode/reference.py``; kernels in ``kernels/sae_encode/``.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ def sae_encode_backward(grad: Tensor, x: Tensor, weight: Tensor, pre_bias: Tenso
 @sae_encode_backward.register_fake
 def _(grad, x, weight, pre_bias, values, indices, sigmoid):
     check_backward(grad, x, weight, pre_bias, values, indices, sigmoid)
-    return (torch.empty_like(x), torch.empty_like(weight),
-            weight.new_empty(weight.shape[0]), torch.empty_like(pre_bias))
+    # contiguous, as the kernels return them (a transposed weight's gradient is not)
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[0]), pre_bias.new_empty(pre_bias.shape))
 
 
 def _cpu_forward(x, weight, bias, pre_bias, k, sigmoid=False):
@@ -86,6 +89,8 @@ def _cpu_backward(grad, x, weight, pre_bias, values, indices, sigmoid):
     return cpu.sae_encode_bwd(grad, x, weight, pre_bias, values, indices, sigmoid)
 
 
+# the fused Triton encoder; it sends float64 and k > 128 to addmm + TopK itself
+_triton_forward = triton_kernel(_TRITON, "sae_encode_fwd", fallback=cpu.sae_encode_fwd)
 _triton_backward = triton_kernel(_TRITON, "sae_encode_bwd", fallback=cpu.sae_encode_bwd)
 
 
@@ -95,7 +100,7 @@ def _cuda_backward(grad, x, weight, pre_bias, values, indices, sigmoid):
     return fn(grad, x, weight, pre_bias, values, indices, sigmoid)
 
 
-register_kernels(sae_encode, check=check, cpu=_cpu_forward, cuda=_cpu_forward)
+register_kernels(sae_encode, check=check, cpu=_cpu_forward, cuda=_triton_forward)
 register_kernels(sae_encode_backward, check=check_backward, cpu=_cpu_backward,
                  cuda=_cuda_backward)
 
@@ -132,6 +137,8 @@ def _samples(device: str):
     yield (randn(5, 7), randn(13, 7), randn(13), randn(7), 3), {}
     # sigmoid, input without gradient, k = n_latents
     yield (randn(4, 8, grad=False), randn(6, 8), randn(6), randn(8), 6), {"sigmoid": True}
+    # the encoder stored as W_enc [d, L] (sae-lens), read through its transpose
+    yield (randn(5, 6), randn(6, 11).t(), randn(11), randn(6), 4), {}
     # no tokens; k = 0
     yield (randn(0, 5), randn(9, 5), randn(9), randn(5), 2), {}
     yield (randn(3, 5), randn(9, 5), randn(9), randn(5), 0), {"sigmoid": True}

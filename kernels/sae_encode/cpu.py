@@ -1,7 +1,9 @@
 """Kernels of `aa::sae_encode` on CPU (and on any device: ATen ops). Forward: one ``addmm``, a
-TopK, the activation on the k kept values. Backward: sparse, on the trigram-bag kernels through
-`aa_compile.kernels.sae_decode` (``dx`` is a bag of k encoder rows per token, ``dweight`` the
-bag's weight gradient with ``x - pre_bias`` as the upstream rows); no ``[N, L]`` tensor."""
+TopK, the activation on the k kept values; rows whose TopK meets equal values are re-ranked
+by the reference's tie rule (ascending latent index), found with one compare pass. Backward:
+sparse, on the trigram-bag kernels through `aa_compile.kernels.sae_decode` (``dx`` is a bag of
+k encoder rows per token, ``dweight`` the bag's weight gradient with ``x - pre_bias`` as the
+upstream rows); no ``[N, L]`` tensor."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from torch import Tensor
 
 from aa_compile.kernels.sae_decode import cpu as decode
 
-from .reference import activate, activation_grad, compute_dtype
+from .reference import activate, activation_grad, compute_dtype, ordered_topk
 
 
 def sae_encode_fwd(x: Tensor, weight: Tensor, bias: Tensor, pre_bias: Tensor, k: int,
@@ -21,8 +23,28 @@ def sae_encode_fwd(x: Tensor, weight: Tensor, bias: Tensor, pre_bias: Tensor, k:
         pre = torch.addmm(bias, x - pre_bias, weight.t())
     else:  # 16-bit: accumulate in float32 (ATen's CPU matmul does, the sum with bias too)
         pre = torch.addmm(bias.to(ct), (x.to(ct) - pre_bias.to(ct)), weight.to(ct).t())
-    top, indices = pre.topk(k, dim=-1, sorted=True)
+    top, indices = tie_ordered_topk(pre, k)
     return activate(top, sigmoid).to(weight.dtype), indices
+
+
+def tie_ordered_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``pre.topk(k)`` (descending) with ties ranked by ascending latent index.
+
+    ATen's TopK breaks ties as it pleases. One more entry is taken (k + 1): a row can differ
+    from the rule only where two neighbours of that sorted list are equal (a tie inside the
+    kept set, or across its boundary) or it holds NaN; those rows (in trained SAEs usually
+    none) are redone with a stable sort. On CUDA the check costs one device sync."""
+    n_latents = pre.shape[-1]
+    more = min(k + 1, n_latents)
+    top, indices = pre.topk(more, dim=-1, sorted=True)
+    if k == 0 or pre.shape[0] == 0:
+        return top[:, :k].contiguous(), indices[:, :k].contiguous()
+    tied = (top[:, 1:] == top[:, :-1]).any(-1) | top[:, :k].isnan().any(-1)
+    rows = tied.nonzero().squeeze(1)
+    top, indices = top[:, :k].contiguous(), indices[:, :k].contiguous()
+    if rows.numel():
+        top[rows], indices[rows] = ordered_topk(pre[rows], k)
+    return top, indices
 
 
 def latent_bias_grad(g: Tensor, indices: Tensor, n_latents: int) -> Tensor:

@@ -8,6 +8,10 @@ bias) and ``pre_bias [d]``::
     top, indices     = topk(pre, k)  (descending)                            # [N, k]
     values           = relu(top)  or  sigmoid(top)                           # [N, k]
 
+Ties: equal pre-activations are ranked by ascending latent index, both for which latents are
+kept and for their order (`ordered_topk`: a stable descending sort). ``-0.0`` equals ``+0.0``;
+NaN ranks above every number (as in ``torch.sort``). Every kernel keeps this rule.
+
 Backward from ``grad [N, k]`` (``g = grad * act'``; relu': ``values > 0``, sigmoid':
 ``values (1 - values)``), with ``xc = x - pre_bias``; only the k kept entries per token exist::
 
@@ -71,13 +75,20 @@ def activation_grad(grad: Tensor, values: Tensor, sigmoid: bool) -> Tensor:
     return grad * (values > 0).to(grad.dtype)
 
 
+def ordered_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of each row of ``pre [N, L]``, descending; equal values by ascending
+    index (a stable sort: simple and slow, the rule's definition)."""
+    top, indices = pre.sort(dim=-1, descending=True, stable=True)
+    return top[:, :k], indices[:, :k]
+
+
 def sae_encode(x: Tensor, weight: Tensor, bias: Tensor, pre_bias: Tensor, k: int,
                sigmoid: bool = False) -> tuple[Tensor, Tensor]:
     """Forward (see the module docstring): ``(values [N, k], indices [N, k] int64)``."""
     check_inputs(x, weight, bias, pre_bias, k)
     ct = compute_dtype(weight.dtype)
     pre = (x.to(ct) - pre_bias.to(ct)) @ weight.to(ct).t() + bias.to(ct)
-    top, indices = pre.topk(k, dim=-1, sorted=True)
+    top, indices = ordered_topk(pre, k)
     return activate(top, sigmoid).to(weight.dtype), indices
 
 

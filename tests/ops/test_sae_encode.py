@@ -1,5 +1,7 @@
 """`aa::sae_encode`: forward and sparse backward equal the float64 reference (hypothesis, odd
-shapes, no tokens), the op equals the reference SAE's TopK, fullgraph compile, bad input."""
+shapes, no tokens), the fused Triton forward (every dtype, both launch paths, empty rows, the
+tie rule, strided weights, the addmm fallback for large k), the op equals the reference SAE's
+TopK, fullgraph compile, bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import importlib.util
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 
 import aa_compile.ops  # noqa: F401  (registers aa::sae_encode)
 from aa_compile.kernels.sae_encode import cpu, reference
@@ -61,6 +63,146 @@ def test_forward_and_sparse_backward_equal_float64(name, case):
     got = bwd(grad, x, weight, pre_bias, values, indices, sigmoid)
     for a, b in zip(got, ref_grads):
         torch.testing.assert_close(a.double().cpu(), b, atol=1e-4, rtol=1e-4)
+
+
+# -- the tie rule and the fused forward ------------------------------------------------------
+
+def _tied_inputs(dtype=torch.float32):
+    """Small integers everywhere: every product and sum is exact in every dtype, so equal
+    pre-activations are exactly equal on every path (and rows 0-1 are all-zero rows)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-1, 2, (6, 8), generator=g).float()
+    x[:2] = 0
+    w = torch.randint(-2, 3, (50, 8), generator=g).float()
+    bias = torch.randint(-1, 2, (50,), generator=g).float()
+    return [t.to(dtype) for t in (x, w, bias, torch.zeros(8))]
+
+
+def test_reference_ranks_ties_by_ascending_latent_index():
+    pre = torch.tensor([[1.0, 3.0, 3.0, -0.0, 0.0, 3.0],
+                        [float("nan"), 2.0, float("nan"), 2.0, 2.0, 1.0]])
+    top, idx = reference.ordered_topk(pre, 4)
+    assert idx.tolist() == [[1, 2, 5, 0], [0, 2, 1, 3]]
+    _, idx = reference.ordered_topk(pre[:1], 5)
+    assert idx.tolist() == [[1, 2, 5, 0, 3]]  # -0.0 ties with +0.0: lower index first
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_cpu_forward_keeps_the_tie_rule(sigmoid):
+    x, w, b, pb = _tied_inputs()
+    values, idx = cpu.sae_encode_fwd(x, w, b, pb, 7, sigmoid)
+    want_v, want_i = reference.sae_encode(x.double(), w.double(), b.double(), pb.double(), 7,
+                                          sigmoid)
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(values.double(), want_v)
+    pre = torch.tensor([[float("nan"), 1.0, float("nan"), 5.0]])
+    assert cpu.tie_ordered_topk(pre, 3)[1].tolist() == [[0, 2, 3]]
+    boundary = torch.tensor([[2.0, 3.0, 2.0, 1.0, 2.0]] * 40)  # the 2nd value occurs thrice
+    top, idx = cpu.tie_ordered_topk(boundary, 2)
+    assert idx.tolist() == [[1, 0]] * 40 and idx.is_contiguous() and top.is_contiguous()
+
+
+def _pre64(x, w, b, pb):
+    return (x.double() - pb.double()) @ w.double().t() + b.double()
+
+
+def _assert_valid_topk(values, indices, x, w, b, pb, k, sigmoid, tol):
+    """``indices`` is a top-k of the float64 pre-activations up to ``tol`` (near-ties may go
+    either way after rounding), distinct per token, and ``values`` are their activations in
+    descending order."""
+    pre = _pre64(x, w, b, pb)
+    want_v, _ = reference.sae_encode(x.double(), w.double(), b.double(), pb.double(), k,
+                                     sigmoid)
+    assert values.shape == indices.shape == (x.shape[0], k) and indices.dtype == torch.int64
+    if k == 0 or x.shape[0] == 0:
+        return
+    scale = 1 + pre.abs().amax(-1, keepdim=True)
+    assert all(len(set(row)) == k for row in indices.tolist())
+    kth = pre.topk(k, -1).values[:, -1:]
+    assert (pre.gather(1, indices) >= kth - tol * scale).all()
+    torch.testing.assert_close(values.double(), want_v, atol=tol * float(scale.max()),
+                               rtol=tol)
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@st.composite
+def fused_cases(draw):
+    latents = draw(st.integers(1, 48))
+    d = draw(st.integers(1, 24))
+    n = draw(st.integers(0, 9))
+    k = draw(st.integers(0, min(latents, 16)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x, w = torch.randn(n, d, generator=g), torch.randn(latents, d, generator=g)
+    b, pb = torch.randn(latents, generator=g), torch.randn(d, generator=g)
+    if n and draw(st.booleans()):
+        x[draw(st.integers(0, n - 1))] = pb  # an empty row: pre-activations = bias
+    split = draw(st.sampled_from([None, 1, 2, 4]))
+    return [t.to(dtype) for t in (x, w, b, pb)], k, draw(st.booleans()), split
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@settings(max_examples=12)
+@given(case=fused_cases())
+def test_fused_forward_equals_float64(case):
+    (x, w, b, pb), k, sigmoid, split = case
+    values, indices = triton_kernel.sae_encode_fused(*(t.to(DEVICE) for t in (x, w, b, pb)),
+                                                     k, sigmoid, split)
+    assert values.dtype == x.dtype
+    _assert_valid_topk(values.cpu(), indices.cpu(), x, w, b, pb, k, sigmoid, TOL[x.dtype])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 2])
+def test_fused_forward_keeps_the_tie_rule(dtype, split):
+    x, w, b, pb = _tied_inputs(dtype)
+    values, idx = triton_kernel.sae_encode_fused(*(t.to(DEVICE) for t in (x, w, b, pb)), 7,
+                                                 True, split)
+    want_v, want_i = reference.sae_encode(x.double(), w.double(), b.double(), pb.double(), 7,
+                                          True)
+    assert torch.equal(idx.cpu(), want_i)
+    torch.testing.assert_close(values.double().cpu(), want_v, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_fused_forward_reads_a_transposed_weight():
+    """sae-lens keeps the encoder as ``W_enc [d, L]``; the kernel reads ``W_enc.T`` in place."""
+    g = torch.Generator().manual_seed(6)
+    x, w_enc = torch.randn(5, 12, generator=g), torch.randn(12, 40, generator=g)
+    b, pb = torch.randn(40, generator=g), torch.randn(12, generator=g)
+    got = triton_kernel.sae_encode_fused(x, w_enc.t(), b, pb, 6)
+    want = triton_kernel.sae_encode_fused(x, w_enc.t().contiguous(), b, pb, 6)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_large_k_and_float64_fall_back_to_addmm_topk(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused kernel must not run here")
+
+    monkeypatch.setattr(triton_kernel, "sae_encode_fused", refuse)
+    g = torch.Generator().manual_seed(7)
+    k = triton_kernel.FUSED_MAX_K + 1
+    x, w = torch.randn(3, 4, generator=g), torch.randn(k + 10, 4, generator=g)
+    b, pb = torch.randn(k + 10, generator=g), torch.randn(4, generator=g)
+    for args in ((x, w, b, pb), tuple(t.double() for t in (x, w, b, pb))):
+        values, idx = triton_kernel.sae_encode_fwd(*args, k if args[0].dtype == x.dtype else 3)
+        _assert_valid_topk(values, idx, *args, values.shape[1], False, 1e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_plan_fits_the_merge_and_covers_every_latent():
+    cuda = torch.device("cuda")
+    from aa_compile.kernels import triton_target
+
+    with triton_target.assume((9, 0)):
+        for n, latents, k in ((2048, 65536, 32), (1, 65536, 128), (4, 300, 5)):
+            p = triton_kernel.plan(n, latents, k, torch.bfloat16, cuda)
+            assert p["K"] >= k and p["split"] * p["K"] <= triton_kernel.MAX_MERGE
+            assert p["split"] * p["per_split"] >= latents and p["per_split"] % p["BLOCK_L"] == 0
 
 
 def test_reference_backward_equals_dense_autograd():

@@ -275,6 +275,23 @@ def _sae_cases() -> list[Case]:
                                 _empty(latents, HIDDEN, dtype=dt), _empty(HIDDEN, dtype=dt),
                                 _filled(n, k, dtype=dt), idx, True)),
         ]
+    return out + _sae_encode_cases(latents)
+
+
+def _sae_encode_cases(latents: int) -> list[Case]:
+    """The fused encoder forward at 16x latents: k 32 and 128 (the largest fused k), at 2048
+    tokens (several latent splits and the merge kernel) and at 1 token (decode-time
+    generation: many splits, one token)."""
+    out = []
+    for dt in ALL:
+        for k in (32, 128):
+            for n in (TOKENS, 1):
+                out.append(Case(
+                    f"sae_encode-k{k}-n{n}-{_short(dt)}", "aa::sae_encode",
+                    lambda dt=dt, k=k, n=n: (_empty(n, HIDDEN, dtype=dt),
+                                             _empty(latents, HIDDEN, dtype=dt),
+                                             _empty(latents, dtype=dt), _empty(HIDDEN, dtype=dt),
+                                             k, k == 128)))
     return out
 
 

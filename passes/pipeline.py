@@ -17,11 +17,13 @@ from .hat.guide_add import GuideAddPass
 from .hat.window_attention import WindowAttentionPass
 from .hat.word_pool import WordPoolPass
 from .rms_norm import RMSNormPass
+from .sae import SAEPass
 from .tfree_embedding import TFreeEmbeddingPass
 
 PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(), EmbeddingBagPass(), TFreeEmbeddingPass(),
                                    DictionaryScorePass(), FP8LinearPass(),
-                                   WindowAttentionPass(), WordPoolPass(), GuideAddPass())
+                                   WindowAttentionPass(), WordPoolPass(), GuideAddPass(),
+                                   SAEPass())
 PASSES: dict[str, GraphPass] = {p.name: p for p in PIPELINE}
 
 __all__ = ["PIPELINE", "PASSES"]

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,8 +27,7 @@ import torch.fx as fx
 from aa_compile.config import Config
 from aa_compile.logger import log
 from aa_compile.ops.registry import install_inductor_decompositions, source_hash
-from aa_compile.passes.base import PassContext, PassResult
-from aa_compile.passes.pipeline import PASSES
+from aa_compile.passes.pipeline import run_passes
 from aa_compile.report import (
     CompileReport,
     GraphOrigin,
@@ -39,31 +36,6 @@ from aa_compile.report import (
     new_compile,
     record,
 )
-
-
-def run_passes(gm: fx.GraphModule, example_inputs: list, config: Config) -> list[PassResult]:
-    """Run the passes ``config`` enables on ``gm``, in pipeline order; return their results."""
-    results = []
-    for name in config.enabled_passes():
-        result = PassResult(name)
-        start = time.perf_counter()
-        try:
-            PASSES[name].run(gm, PassContext(result, example_inputs, config))
-            gm.graph.lint()
-        except Exception as e:
-            if config.strict:
-                raise
-            result.error = f"{type(e).__name__}: {e}"
-            log.warning("aa pass %s failed and was skipped: %s", name, result.error)
-            log.debug("%s", traceback.format_exc())
-        result.seconds = time.perf_counter() - start
-        log.debug(
-            "pass %s: %d rewrite(s), %d skipped", name, result.rewrites, len(result.skipped)
-        )
-        for skip in result.skipped:
-            log.debug("  %s left %s: %s", name, skip.node, skip.reason)
-        results.append(result)
-    return results
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: list, config: Config):
@@ -113,16 +85,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: Config):
 
         return aot_eager(gm, example_inputs)
     if name == "tensorrt":
-        try:
-            import torch_tensorrt  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError(
-                "aa: inner_compiler='tensorrt' needs torch-tensorrt; "
-                "install it with: pip install 'aa-compile[tensorrt]'"
-            ) from e
-        from torch._dynamo.backends.registry import lookup_backend
+        # imported on first use: it imports torch-tensorrt (and TensorRT) where installed
+        from aa_compile.export.tensorrt import compile_graph
 
-        return lookup_backend("torch_tensorrt")(gm, example_inputs)
+        return compile_graph(gm, example_inputs)
     raise AssertionError(f"unhandled inner compiler {name!r}")  # Config validated it
 
 

@@ -14,11 +14,13 @@
 #   smoke   pytest tests/test_triton_aot.py -k "on_the_gpu and SMOKE_K" (bf16): each kernel at
 #           the launch configuration the AOT test compiled, once at full size on the device,
 #           compared with the CPU kernel                                  -> junit-smoke.xml
+#   tensorrt pytest tests/test_export_tensorrt.py: inner_compiler="tensorrt" against eager
+#           (skipped, with the reason, where torch-tensorrt is not provisioned) -> junit-tensorrt.xml
 #   bench   python -m bench --device cuda, full shapes, bfloat16 kernel workloads
 #           (BENCH_K) --repeats BENCH_REPEATS (2)  -> latest.{json,md,png} (roofline column)
 # OUT_DIR/summary.{txt,md,json} list each step's exit status (0 ok, 124 time limit, 5 no
 # tests); NAME.log holds each step's output. Time limits in seconds: T_INSTALL (600), T_ENV
-# (30), T_CUDA (60), T_KERNELS (100), T_SMOKE (90), T_BENCH (190); T_TOTAL (480) for the whole
+# (30), T_CUDA (60), T_KERNELS (100), T_SMOKE (90), T_TENSORRT (60), T_BENCH (190); T_TOTAL (480) for the whole
 # script, install included: each step's limit is cut to what is left of T_TOTAL.
 set -u
 
@@ -47,6 +49,7 @@ T_ENV="${T_ENV:-30}"
 T_CUDA="${T_CUDA:-60}"
 T_KERNELS="${T_KERNELS:-100}"
 T_SMOKE="${T_SMOKE:-90}"
+T_TENSORRT="${T_TENSORRT:-60}"  # installs nothing: torch-tensorrt must be provisioned (docs/gpu.md)
 T_BENCH="${T_BENCH:-190}"
 T_TOTAL="${T_TOTAL:-480}"  # every step's limit is cut to what is left of this
 # the kernel workloads at full size in bfloat16 (the dictionary decode has float32 only)
@@ -182,6 +185,8 @@ step cuda "$T_CUDA" "${PYTEST[@]}" tests/test_cuda.py tests/test_ops.py \
 step kernels "$T_KERNELS" "${PYTEST[@]}" tests/ops --junitxml="$OUT/junit-kernels.xml"
 step smoke "$T_SMOKE" "${PYTEST[@]}" tests/test_triton_aot.py -k "on_the_gpu${SMOKE_K:+ and $SMOKE_K}" \
     --junitxml="$OUT/junit-smoke.xml"
+step tensorrt "$T_TENSORRT" "${PYTEST[@]}" tests/test_export_tensorrt.py \
+    --junitxml="$OUT/junit-tensorrt.xml"
 
 # -- 4. benchmark harness, full shapes --------------------------------------------------------
 step bench "$T_BENCH" env -u TRITON_INTERPRET "$PY" -m bench --device cuda -k "$BENCH_K" \

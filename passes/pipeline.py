@@ -9,7 +9,14 @@ package instead (``passes/hat/``: one module per pass).
 
 from __future__ import annotations
 
-from .base import GraphPass
+import time
+import traceback
+
+import torch.fx as fx
+
+from aa_compile.logger import log
+
+from .base import GraphPass, PassContext, PassResult
 from .dictionary_score import DictionaryScorePass
 from .embedding_bag import EmbeddingBagPass
 from .fp8_linear import FP8LinearPass
@@ -26,4 +33,30 @@ PIPELINE: tuple[GraphPass, ...] = (RMSNormPass(), EmbeddingBagPass(), TFreeEmbed
                                    SAEPass())
 PASSES: dict[str, GraphPass] = {p.name: p for p in PIPELINE}
 
-__all__ = ["PIPELINE", "PASSES"]
+__all__ = ["PIPELINE", "PASSES", "run_passes"]
+
+
+def run_passes(gm: fx.GraphModule, example_inputs: list, config) -> list[PassResult]:
+    """Run the passes ``config`` (an `aa_compile.Config`) enables on ``gm``, in pipeline order;
+    return their results. Shared by the ``aa`` backend and `aa_compile.export`."""
+    results = []
+    for name in config.enabled_passes():
+        result = PassResult(name)
+        start = time.perf_counter()
+        try:
+            PASSES[name].run(gm, PassContext(result, example_inputs, config))
+            gm.graph.lint()
+        except Exception as e:
+            if config.strict:
+                raise
+            result.error = f"{type(e).__name__}: {e}"
+            log.warning("aa pass %s failed and was skipped: %s", name, result.error)
+            log.debug("%s", traceback.format_exc())
+        result.seconds = time.perf_counter() - start
+        log.debug(
+            "pass %s: %d rewrite(s), %d skipped", name, result.rewrites, len(result.skipped)
+        )
+        for skip in result.skipped:
+            log.debug("  %s left %s: %s", name, skip.node, skip.reason)
+        results.append(result)
+    return results

@@ -21,9 +21,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from aa_compile.backend import run_passes
 from aa_compile.config import Config
 from aa_compile.passes.base import PassResult
+from aa_compile.passes.pipeline import run_passes
 
 
 class ExportError(RuntimeError):

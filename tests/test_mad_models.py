@@ -146,3 +146,13 @@ def test_bad_model_inputs():
         RotaryAttention(16, num_heads=2, max_length=4)(torch.zeros(1, 5, 16))
     with pytest.raises(ValueError, match="unknown MAD model"):
         model_spec("mamba")
+
+
+def test_four_head_attention_of_the_recall_recipe():
+    layer = make_layer("mh4-attention", 64, 8)
+    assert (layer.num_heads, layer.head_dim) == (4, 16)
+    assert make_layer("mh-attention", 64, 8).num_heads == 16  # mad-lab's default, width 4
+    blocks = model_spec("attention4-swiglu").model_for(
+        Setting("in-context-recall", vocab_size=16, seq_len=16, num_train_examples=1), 64).blocks
+    assert [type(b.layer).__name__ for b in blocks] == ["RotaryAttention", "SwiGLU"] * 2
+    assert blocks[0].layer.num_heads == 4

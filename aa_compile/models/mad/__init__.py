@@ -1,6 +1,8 @@
 """MAD's layer menu and backbones in plain PyTorch (arXiv 2403.17844): the models the MAD
-capability suite (`aa_compile.mad`) trains. No ``aa::`` op inside."""
+capability suite (`aa_compile.mad`) trains, and `HATTokenModel`, the HAT model on MAD tokens.
+No ``aa::`` op inside."""
 
+from .hat_tokens import HATTokenModel, hat_config
 from .layers import (
     LAYERS,
     MLP,
@@ -21,11 +23,13 @@ __all__ = [
     "MLP",
     "AutoEncoder",
     "GatedLinearAttention",
+    "HATTokenModel",
     "LanguageModel",
     "RotaryAttention",
     "SwiGLU",
     "apply_rotary",
     "causal_window_mask",
+    "hat_config",
     "make_layer",
     "param_count",
     "rotary_tables",

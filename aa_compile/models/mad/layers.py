@@ -193,6 +193,8 @@ def make_layer(name: str, dim: int, max_length: int) -> nn.Module:
 LAYERS = {
     "mh-attention": lambda d, n: RotaryAttention(d, num_heads=multi_heads(d, 16), max_length=n),
     "attention": lambda d, n: RotaryAttention(d, num_heads=1, max_length=n),
+    # not a mad-lab layer: 4 wider heads (width 16 at dim 64), the in-context recall recipe
+    "mh4-attention": lambda d, n: RotaryAttention(d, num_heads=multi_heads(d, 4), max_length=n),
     "mh-sliding-attention": lambda d, n: RotaryAttention(
         d, num_heads=multi_heads(d, 16), window=32, max_length=n),
     "sliding-attention": lambda d, n: RotaryAttention(d, num_heads=1, window=32, max_length=n),

@@ -129,3 +129,69 @@ def test_cli_bad_inputs(tmp_path, capsys):
         build_parser().parse_args(["mad", "run", "--lrs", "fast"])
     assert main(["report", "--results", str(tmp_path)]) == 2
     assert "no MAD results" in capsys.readouterr().err
+
+
+class SeenLengths(LanguageModel):
+    """A MAD stack that records the length of every training batch it sees."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lengths = []
+
+    def forward(self, input_ids):
+        if self.training:
+            self.lengths.append(input_ids.shape[1])
+        return super().forward(input_ids)
+
+
+def test_length_curriculum_crops_the_first_epochs(one_thread):
+    torch.manual_seed(0)
+    model = SeenLengths(16, dim=16, max_length=8)
+    epochs = []
+    train_model(model, make_data(TINY), lr=1e-3, epochs=3, batch_size=8, crop_len=4,
+                crop_epochs=2, stop_accuracy=2.0, on_epoch=epochs.append)
+    # 32 examples at batch 8: 4 steps per epoch; two epochs at 4 tokens, then the full 8
+    assert model.lengths == [4] * 8 + [8] * 4
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert set(epochs[0]) == {"epoch", "train_loss", "test_loss", "test_acc", "test_token_acc",
+                              "seconds"}
+
+
+def test_warmup_ramps_the_lr_then_follows_the_cosine(monkeypatch, one_thread):
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    model = LanguageModel(16, dim=16, max_length=8)
+    train_model(model, make_data(TINY), lr=1e-2, epochs=2, batch_size=8, warmup_steps=3,
+                stop_accuracy=2.0)
+    half = 1e-6 + (1e-2 - 1e-6) * 0.5  # cosine over 2 epochs, after the first one
+    want = [1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, half, half, half, half]
+    assert seen == pytest.approx(want, rel=1e-9)
+
+
+def test_bad_schedules():
+    with pytest.raises(ValueError, match="go together"):
+        RunConfig("attention-swiglu", TINY, crop_len=4)
+    with pytest.raises(ValueError, match="go together"):
+        RunConfig("attention-swiglu", TINY, crop_epochs=2)
+    with pytest.raises(ValueError, match="crop_len"):
+        RunConfig("attention-swiglu", TINY, crop_len=0, crop_epochs=1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train_model(LanguageModel(16, dim=16, max_length=8), make_data(TINY), warmup_steps=-1)
+
+
+def test_cli_passes_the_schedule_to_the_runs(tmp_path):
+    out = tmp_path / "mad"
+    rc = main(["run", "--models", "attention4-swiglu", "--tasks", "memorization",
+               "--settings-per-task", "1", "--epochs", "2", "--dim", "16",
+               "--train-examples", "16", "--test-examples", "8", "--warmup-steps", "2",
+               "--crop-len", "4", "--crop-epochs", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert rows[0]["model"] == "attention4-swiglu" and rows[0]["epochs_run"] == 2
+    assert (rows[0]["warmup_steps"], rows[0]["crop_len"], rows[0]["crop_epochs"]) == (2, 4, 1)

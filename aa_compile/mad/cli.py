@@ -71,7 +71,9 @@ def run_command(args: argparse.Namespace) -> int:
     wds = args.wds or ([0.0] if quick else list(WEIGHT_DECAYS))
     epochs = args.epochs or (QUICK_EPOCHS if quick else 200)
     runs = grid_runs(args.models, chosen, lrs, wds, epochs=epochs, batch_size=args.batch_size,
-                     dim=args.dim or (64 if quick else 128), threads=args.threads_per_worker)
+                     dim=args.dim or (64 if quick else 128), threads=args.threads_per_worker,
+                     warmup_steps=args.warmup_steps, crop_len=args.crop_len,
+                     crop_epochs=args.crop_epochs)
     if not runs:
         raise ValueError("no run left: no chosen model takes any chosen task")
     out = Path(args.out)
@@ -136,6 +138,13 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     run.add_argument("--dim", type=positive, default=None,
                      help="model width (default: 64 for quick, 128 for full)")
     run.add_argument("--batch-size", type=positive, default=128, help="examples per step")
+    run.add_argument("--warmup-steps", type=int, default=0,
+                     help="linear lr warm-up over this many steps (not in mad-lab)")
+    run.add_argument("--crop-len", type=positive, default=None,
+                     help="length curriculum (not in mad-lab): train the first --crop-epochs "
+                     "epochs on the first N tokens of each sequence (default: off)")
+    run.add_argument("--crop-epochs", type=int, default=0,
+                     help="epochs trained at --crop-len")
     run.add_argument("--workers", type=positive, default=1, help="parallel processes")
     run.add_argument("--threads-per-worker", type=positive, default=1,
                      help="torch threads in each process")

@@ -31,7 +31,7 @@ def grid_runs(models: Sequence[str], settings: Iterable[Setting],
     runs = []
     for setting in settings:
         for model in models:
-            if not model_spec(model).supports(setting.task):
+            if not model_spec(model).takes(setting):
                 continue
             extra = dict(run_kwargs)
             if isinstance(epochs, dict):

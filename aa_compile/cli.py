@@ -333,11 +333,14 @@ def generate_text(model, tokenizer: Any, kind: str, prompt: str, max_new: int,
 
 def compile_for_generation(model, kind: str, options: dict) -> None:
     """Compile, in place with ``backend="aa"``, the modules the cached generation of ``kind``
-    calls: the whole forward of T-FREE, transformer and u-μP (one graph for the prefill, one
-    for the steps: ``dynamic=True``); for HAT the word pooling, the backbone blocks and the
-    byte stacks' norms and MLPs (its cached decoding calls these pieces, not the forward)."""
+    calls: the whole forward of T-FREE and the transformer (one graph for the prefill, one for
+    the steps: ``dynamic=True``); for HAT the word pooling, the backbone blocks and the byte
+    stacks' norms and MLPs (its cached decoding calls these pieces, not the forward). u-μP
+    compiles per length (``dynamic=None``): its attention scale is Python float math on the
+    sequence length, and with ``dynamic=True`` dynamo 2.13 builds a float guard that fails on
+    the frame that made it."""
     if kind != "hat":
-        model.compile(backend="aa", options=options, dynamic=True)
+        model.compile(backend="aa", options=options, dynamic=None if kind == "umup" else True)
         return
     parts = [model.pooling, *model.backbone, model.decoder.norm]
     for layer in [*model.encoder.layers, *model.decoder.layers]:
@@ -411,8 +414,9 @@ def _generate(args: argparse.Namespace) -> int:
     print(text)
     unit = GENERATED_UNIT.get(kind, "tokens")
     how = f"backend aa, inner compiler {inner}" if args.backend == "aa" else "eager"
+    decoding = "no KV cache: the window is re-run each step" if kind == "umup" else "cached decoding"
     print(f"generated {n} {unit} in {seconds:.3f} s: {n / max(seconds, 1e-9):.1f} {unit}/s "
-          f"({kind}, {device}, {how}, cached decoding)", file=sys.stderr)
+          f"({kind}, {device}, {how}, {decoding})", file=sys.stderr)
     return 0
 
 

@@ -81,19 +81,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def train(model, forward) -> tuple[list[float], dict, dict]:
-    ids = batch()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses, grads = [], {}
-    for step in range(STEPS):
+    """`train_loss` with next-token cross-entropy of ``forward``'s logits on `batch`."""
+    def loss_fn(ids):
         logits = forward(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        if step == 0:
-            grads = {n: full(p.grad) for n, p in model.named_parameters()}
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, grads, {n: full(p) for n, p in model.named_parameters()}
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+    return train_loss(model, loss_fn, batch(), LR)
 
 
 def sequence_parallel_norm(mesh) -> dict:

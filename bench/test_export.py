@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from aa_compile import dtm
 from aa_compile.models.transformer import Transformer, TransformerConfig
 from bench.harness import (BASE_VARIANTS, bench_variant, inference_step, inference_variant,
                            seed_all, transformer_cases)
@@ -64,27 +65,39 @@ def onnxruntime_variant(model: torch.nn.Module, ids: torch.Tensor, directory,
     return run
 
 
+#: each workload's onnxruntime variants and the ``runtime`` each exports for (the int8
+#: workload's plain ``onnxruntime`` is the standard-operator file, its peer uses MatMulNBits)
+EXPORT_RUNTIMES = {"onnxruntime": "onnxruntime"}
+INT8_EXPORT_RUNTIMES = {"onnxruntime": "standard", "onnxruntime_matmulnbits": "onnxruntime"}
+
+
+def bench_exported(benchmark, settings, case, variant: str, workload: str, model, ids,
+                   tmp_path_factory, runtimes: dict[str, str]) -> None:
+    """Time ``model`` on ``ids`` as ``variant`` runs it: an onnxruntime session of the file
+    exported for ``runtimes[variant]``, or a torch variant."""
+    if settings.device != "cpu":
+        pytest.skip("the exported model runs on onnxruntime's CPU provider here")
+
+    def build():
+        if variant in runtimes:
+            return onnxruntime_variant(model, ids, tmp_path_factory.mktemp("export"),
+                                       runtimes[variant])
+        return inference_variant(model, variant)
+
+    bench_variant(benchmark, settings, case, variant, workload, kind="model",
+                  build=build, step=lambda run: inference_step(run, ids))
+
+
 @pytest.mark.parametrize("variant", BASE_VARIANTS + PEERS)
 def test_export_transformer_fwd(benchmark, settings, case, base, variant, repeat,
                                 tmp_path_factory):
-    if settings.device != "cpu":
-        pytest.skip("the exported model runs on onnxruntime's CPU provider here")
-    model, ids = base
-
-    def build():
-        if variant == "onnxruntime":
-            return onnxruntime_variant(model, ids, tmp_path_factory.mktemp("export"))
-        return inference_variant(model, variant)
-
-    bench_variant(benchmark, settings, case, variant, "export_transformer_fwd", kind="model",
-                  build=build, step=lambda run: inference_step(run, ids))
+    bench_exported(benchmark, settings, case, variant, "export_transformer_fwd", *base,
+                   tmp_path_factory, EXPORT_RUNTIMES)
 
 
 @pytest.fixture(scope="module")
 def int8_model(base):
     """The base model with every block linear int8 (the LM head kept), as an FDTM plan does."""
-    from aa_compile import dtm
-
     model, ids = base
     plan = {name: "int8" for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and name != "lm_head"}
@@ -94,15 +107,5 @@ def int8_model(base):
 @pytest.mark.parametrize("variant", INT8_VARIANTS)
 def test_export_int8_transformer_fwd(benchmark, settings, case, int8_model, variant, repeat,
                                      tmp_path_factory):
-    if settings.device != "cpu":
-        pytest.skip("the exported model runs on onnxruntime's CPU provider here")
-    model, ids = int8_model
-
-    def build():
-        if variant.startswith("onnxruntime"):
-            runtime = "onnxruntime" if variant == "onnxruntime_matmulnbits" else "standard"
-            return onnxruntime_variant(model, ids, tmp_path_factory.mktemp("export"), runtime)
-        return inference_variant(model, variant)
-
-    bench_variant(benchmark, settings, case, variant, "export_int8_transformer_fwd",
-                  kind="model", build=build, step=lambda run: inference_step(run, ids))
+    bench_exported(benchmark, settings, case, variant, "export_int8_transformer_fwd",
+                   *int8_model, tmp_path_factory, INT8_EXPORT_RUNTIMES)
